@@ -1,0 +1,127 @@
+"""Typed configuration: defaults < YAML file < environment (SYMRAM_*) < explicit overrides.
+
+The connector passes vLLM's ``kv_connector_extra_config`` as explicit overrides, so
+``--kv-transfer-config '{"kv_connector":"symram","kv_role":"kv_both",
+"kv_connector_extra_config":{"dram_bytes":"8GiB"}}'`` works without any file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1000,
+    "KB": 1000,
+    "KI": 1024,
+    "KIB": 1024,
+    "M": 1000**2,
+    "MB": 1000**2,
+    "MI": 1024**2,
+    "MIB": 1024**2,
+    "G": 1000**3,
+    "GB": 1000**3,
+    "GI": 1024**3,
+    "GIB": 1024**3,
+    "T": 1000**4,
+    "TB": 1000**4,
+    "TI": 1024**4,
+    "TIB": 1024**4,
+}
+
+
+def parse_bytes(value: Any) -> int:
+    """Parse 4096, "512MiB", "8GB", "1.5GiB" into a byte count."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a byte size, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"byte size must be >= 0, got {value}")
+        return value
+    if isinstance(value, float):
+        return parse_bytes(int(value))
+    match = _SIZE_RE.match(str(value))
+    if not match:
+        raise ValueError(
+            f"cannot parse byte size {value!r}; use an integer or a string like '512MiB' or '8GB'"
+        )
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[(unit or "").upper()])
+
+
+class SymramConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SYMRAM_", extra="forbid")
+
+    dram_bytes: int = Field(
+        default=4 * 1024**3, description="Host-DRAM tier budget (bytes or '4GiB')."
+    )
+    save_decode_blocks: bool = Field(
+        default=True,
+        description="Also save full blocks of generated tokens (helps multi-turn chat).",
+    )
+    min_load_blocks: int = Field(
+        default=1, ge=1, description="Ignore store hits shorter than this many blocks."
+    )
+    transfer_threads: int = Field(
+        default=1, ge=1, le=16, description="Host threads copying pages on CPU hosts."
+    )
+    fail_on_load_error: bool = Field(
+        default=False,
+        description="Keep vLLM's kv_load_failure_policy=fail instead of recomputing.",
+    )
+    stats_path: Path | None = Field(
+        default=None, description="Write a JSON stats snapshot here (for `symram stats`)."
+    )
+    instance_id: str = Field(default="", description="Name of this engine in shared tiers.")
+
+    @field_validator("dram_bytes", mode="before")
+    @classmethod
+    def _bytes(cls, value: Any) -> int:
+        return parse_bytes(value)
+
+
+class ConfigError(ValueError):
+    """A config file, env var or override is invalid; the message says which and why."""
+
+
+def load_config(
+    overrides: dict[str, Any] | None = None, path: str | Path | None = None
+) -> SymramConfig:
+    """Build the config. `path` (or $SYMRAM_CONFIG) names an optional YAML file."""
+    file_values: dict[str, Any] = {}
+    path = path or os.environ.get("SYMRAM_CONFIG")
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read symram config file {path}: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"symram config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"symram config file {path} must hold a mapping, got {type(loaded).__name__}"
+            )
+        file_values = loaded
+    explicit = {k: v for k, v in (overrides or {}).items() if k != "config_file"}
+    if overrides and overrides.get("config_file") and not path:
+        return load_config(explicit, overrides["config_file"])
+    try:
+        # Env vars fill what the file and overrides leave unset.
+        env_only = SymramConfig()
+        merged = {**env_only.model_dump(exclude_unset=True), **file_values, **explicit}
+        return SymramConfig(**merged)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid symram config: {problems}") from exc

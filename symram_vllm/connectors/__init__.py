@@ -1,0 +1,4 @@
+"""vLLM integration: the KVConnectorBase_V1 implementation and plugin registration.
+
+Everything that imports vLLM lives here (and in ``serving/``).
+"""

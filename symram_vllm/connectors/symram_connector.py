@@ -1,0 +1,290 @@
+"""SymramConnector: the vLLM ``KVConnectorBase_V1`` implementation.
+
+vLLM builds one instance per role: the scheduler-side instance (in the engine-core
+process) decides loads and saves; each worker-side instance (one per GPU/TP rank,
+usually another process) copies pages. The two halves talk only through vLLM's
+per-step metadata, so the design works for any executor and any TP size.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from symram_vllm.config import ConfigError, SymramConfig, load_config
+from symram_vllm.connectors.metadata import SymramConnectorMetadata, SymramWorkerMetadata
+from symram_vllm.connectors.scheduler import SchedulerSide
+from symram_vllm.connectors.vllm_stats import SymramConnectorStats, SymramPromMetrics
+from symram_vllm.connectors.worker import WorkerSide
+from symram_vllm.keys import ModelSignature
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+        PromMetric,
+        PromMetricT,
+    )
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+# Hash algorithms whose block hashes are identical in every process and machine.
+REPRODUCIBLE_HASH_ALGOS = ("sha256_cbor", "sha256")
+
+
+class SymramStartupError(RuntimeError):
+    """The engine configuration cannot be served correctly by symram."""
+
+
+def ensure_reproducible_hashes(vllm_config: VllmConfig) -> str:
+    """Make vLLM hash prefixes with sha256_cbor, or refuse with the fix.
+
+    Pages are found again by block hash across processes, restarts and machines, so
+    the hash must not depend on a per-process seed. vLLM reads the algorithm after
+    the scheduler (and this connector) is built, so switching it here takes effect.
+    """
+    cache_config = vllm_config.cache_config
+    algo = cache_config.prefix_caching_hash_algo
+    if algo == "sha256_cbor":
+        return algo
+    if algo == "sha256":
+        # Same strength, but CBOR is canonical across Python versions and languages
+        # (the gateway recomputes these hashes to route requests).
+        cache_config.prefix_caching_hash_algo = "sha256_cbor"
+        logger.info("symram: using --prefix-caching-hash-algo sha256_cbor (reproducible)")
+        return "sha256_cbor"
+    raise SymramStartupError(
+        f"symram cannot use --prefix-caching-hash-algo {algo}: its hashes are seeded per "
+        "process, so stored KV would never be found again (or found by the wrong prompt "
+        "after a restart). Start vLLM with --prefix-caching-hash-algo sha256_cbor."
+    )
+
+
+def _read_config(vllm_config: VllmConfig) -> SymramConfig:
+    extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
+    try:
+        return load_config(extra)
+    except ConfigError as exc:
+        raise SymramStartupError(
+            f"{exc}. Fix kv_connector_extra_config in --kv-transfer-config, the SYMRAM_* "
+            "environment variables, or the file named by SYMRAM_CONFIG."
+        ) from exc
+
+
+def build_signature(
+    vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, hash_algo: str
+) -> tuple[ModelSignature, tuple[int, ...]]:
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise SymramStartupError(
+            f"symram supports models with one KV cache group; this model has {len(groups)} "
+            "(hybrid attention). Run it without --kv-transfer-config symram."
+        )
+    spec = groups[0].kv_cache_spec
+    head_v = getattr(spec, "head_size_v", None) or spec.head_size
+    num_heads = getattr(spec, "num_kv_heads", 1)
+    block_elems = (num_heads, spec.block_size, spec.head_size + head_v)
+    parallel = vllm_config.parallel_config
+    signature = ModelSignature(
+        model=str(vllm_config.model_config.model),
+        dtype=str(spec.dtype).removeprefix("torch."),
+        block_size=spec.block_size,
+        kv_layout=(
+            f"{type(spec).__name__}:H{num_heads}:D{spec.head_size}+{head_v}:"
+            f"{vllm_config.device_config.device_type}"
+        ),
+        tp_size=parallel.tensor_parallel_size * parallel.pipeline_parallel_size,
+        codec="none",
+        hash_algo=hash_algo,
+        num_layers=len(groups[0].layer_names),
+    )
+    return signature, block_elems
+
+
+class SymramConnector(KVConnectorBase_V1):
+    _cache_hit_source = CacheHitSource.HOST
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        # A best-effort cache: a dropped save is a future miss, never an error.
+        return False
+
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
+    ) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        self.config = _read_config(vllm_config)
+        if not vllm_config.cache_config.enable_prefix_caching:
+            raise SymramStartupError(
+                "symram keys KV by vLLM's prefix-cache block hashes; remove "
+                "--no-enable-prefix-caching to use it"
+            )
+        hash_algo = ensure_reproducible_hashes(vllm_config)
+        signature, block_elems = build_signature(vllm_config, kv_cache_config, hash_algo)
+        self.signature = signature
+        self.block_size = signature.block_size
+        self._scheduler: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            transfer = vllm_config.kv_transfer_config
+            if (
+                transfer.kv_load_failure_policy != "recompute"
+                and not self.config.fail_on_load_error
+            ):
+                # A page that cannot be loaded must cost a recompute, never a request.
+                transfer.kv_load_failure_policy = "recompute"
+            self._scheduler = SchedulerSide(signature.digest(), self.block_size, self.config)
+            logger.info(
+                "symram scheduler: signature %s (%s), DRAM budget %d bytes",
+                signature.short(),
+                signature.kv_layout,
+                self.config.dram_bytes,
+            )
+        else:
+            rank = vllm_config.parallel_config.rank
+            self._worker = WorkerSide(self.config, rank)
+            self._expected_block_elems = block_elems
+            self._expected_blocks = kv_cache_config.num_blocks
+
+    # ---------------------------------------------------------------- worker side
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        assert self._worker is not None
+        first = next(iter(kv_caches.values()), None)
+        expected = 1
+        for dim in self._expected_block_elems:
+            expected *= dim
+        if first is not None and (
+            first.shape[0] != self._expected_blocks or first[0].numel() != expected
+        ):
+            self._worker._disable(
+                f"KV cache tensor {tuple(first.shape)} does not hold {self._expected_blocks} "
+                f"blocks of {self._expected_block_elems} elements"
+            )
+            return
+        self._worker.register_kv_caches(kv_caches)
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        if self._worker is not None and isinstance(kv_connector_metadata, SymramConnectorMetadata):
+            self._worker.handle_preemptions(kv_connector_metadata)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert self._worker is not None and isinstance(meta, SymramConnectorMetadata)
+        self._worker.start_loads(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        # Loads are whole-request and asynchronous: a request only runs after
+        # get_finished() reported its load, so no layer ever waits here.
+        return
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        **kwargs: Any,
+    ) -> None:
+        # Saves are submitted once per step in wait_for_save, after the forward pass
+        # has written every layer, as one job per request.
+        return
+
+    def wait_for_save(self) -> None:
+        meta = self._get_connector_metadata()
+        assert self._worker is not None and isinstance(meta, SymramConnectorMetadata)
+        self._worker.submit_saves(meta)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        assert self._worker is not None
+        sending, recving = self._worker.get_finished(finished_req_ids)
+        return sending or None, recving or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        assert self._worker is not None
+        return self._worker.take_load_errors()
+
+    def build_connector_worker_meta(self) -> SymramWorkerMetadata | None:
+        return self._worker.build_worker_meta() if self._worker is not None else None
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        if self._worker is None:
+            return None
+        counters, gauges = self._worker.take_counters()
+        stats = SymramConnectorStats()
+        for name, value in counters.items():
+            if value:
+                stats.add(name, value)
+        for name, value in gauges.items():
+            stats.set_gauge(name, value)
+        return None if stats.is_empty() else stats
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+
+    # ------------------------------------------------------------- scheduler side
+    def bind_kv_cache_manager(self, kv_cache_manager: KVCacheManager) -> None:
+        super().bind_kv_cache_manager(kv_cache_manager)
+        if self._scheduler is not None:
+            self._scheduler.kv_cache_manager = kv_cache_manager
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        assert self._scheduler is not None
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        assert self._scheduler is not None
+        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        assert self._scheduler is not None
+        return self._scheduler.build_connector_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        assert self._scheduler is not None
+        meta = connector_output.kv_connector_worker_meta
+        self._scheduler.update_connector_output(
+            meta if isinstance(meta, SymramWorkerMetadata) else None
+        )
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        assert self._scheduler is not None
+        return self._scheduler.request_finished(request), None
+
+    # ------------------------------------------------------------------- metrics
+    @classmethod
+    def build_kv_connector_stats(
+        cls, data: dict[str, Any] | None = None
+    ) -> KVConnectorStats | None:
+        return SymramConnectorStats(data=data) if data is not None else SymramConnectorStats()
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type[PromMetric], type[PromMetricT]],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics | None:
+        return SymramPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)

@@ -1,0 +1,104 @@
+"""symram counters in vLLM's connector-stats pipeline, so they show up in vLLM's own
+``/metrics`` (prefix ``symram:``) and in its periodic log line.
+
+The payload is ``{"counters": {name: n}, "gauges": {name: x}}``: plain strings and
+numbers, so it survives vLLM's IPC without our classes on the receiving side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.config import VllmConfig
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+    PromMetric,
+    PromMetricT,
+)
+
+COUNTERS: dict[str, str] = {
+    "loaded_blocks": "KV blocks loaded from symram tiers into the engine",
+    "load_failed_blocks": "KV blocks whose load failed (vLLM recomputed them)",
+    "saved_blocks": "KV blocks saved from the engine into symram tiers",
+    "save_skipped_blocks": "KV blocks not saved (already stored, or no room)",
+    "load_bytes": "Bytes copied from symram tiers into the engine",
+    "save_bytes": "Bytes copied from the engine into symram tiers",
+    "load_seconds": "Seconds spent copying pages into the engine",
+    "save_seconds": "Seconds spent copying pages out of the engine",
+    "dram_evictions": "Pages evicted from the DRAM tier",
+}
+GAUGES: dict[str, str] = {
+    "dram_pages": "Pages resident in the DRAM tier",
+    "dram_bytes_used": "Bytes used in the DRAM tier",
+    "dram_bytes_capacity": "DRAM tier budget in bytes",
+    "get_p50_seconds": "Median page get latency",
+    "get_p95_seconds": "95th percentile page get latency",
+}
+
+
+@dataclass
+class SymramConnectorStats(KVConnectorStats):
+    def __post_init__(self) -> None:
+        if "counters" not in self.data:
+            self.reset()
+
+    def reset(self) -> None:
+        self.data = {"counters": {}, "gauges": {}}
+
+    def add(self, name: str, value: float) -> None:
+        counters = self.data["counters"]
+        counters[name] = counters.get(name, 0) + value
+
+    def set_gauge(self, name: str, value: float) -> None:
+        self.data["gauges"][name] = value
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for name, value in other.data.get("counters", {}).items():
+            self.add(name, value)
+        self.data["gauges"].update(other.data.get("gauges", {}))
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return {**self.data["counters"], **self.data["gauges"]}
+
+    def is_empty(self) -> bool:
+        return not self.data["counters"] and not self.data["gauges"]
+
+
+class SymramPromMetrics(KVConnectorPromMetrics):
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        metric_types: dict[type[PromMetric], type[PromMetricT]],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._counters = {
+            name: self._counter_cls(
+                name=f"symram:{name}_total", documentation=doc, labelnames=labelnames
+            )
+            for name, doc in COUNTERS.items()
+        }
+        self._gauges = {
+            name: self._gauge_cls(
+                name=f"symram:{name}",
+                documentation=doc,
+                labelnames=labelnames,
+                multiprocess_mode="mostrecent",
+            )
+            for name, doc in GAUGES.items()
+        }
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        labels = self.per_engine_labelvalues[engine_idx]
+        for name, value in transfer_stats_data.get("counters", {}).items():
+            metric = self._counters.get(name)
+            if metric is not None and value:
+                metric.labels(*labels).inc(value)
+        for name, value in transfer_stats_data.get("gauges", {}).items():
+            gauge = self._gauges.get(name)
+            if gauge is not None:
+                gauge.labels(*labels).set(value)

@@ -1,0 +1,249 @@
+"""Worker-side half of the connector: moves pages between the engine's KV cache and
+the TieredStore, off the forward path, and reports what happened.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import Future, wait
+from dataclasses import dataclass, field
+
+import torch
+
+from symram_vllm.config import SymramConfig
+from symram_vllm.connectors.metadata import BlockJob, SymramConnectorMetadata, SymramWorkerMetadata
+from symram_vllm.connectors.transfer import TransferRunner
+from symram_vllm.keys import BlockKey
+from symram_vllm.layout import KVLayout, LayoutError
+from symram_vllm.store import TieredStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class JobResult:
+    req_id: str
+    moved_blocks: int = 0
+    moved_bytes: int = 0
+    seconds: float = 0.0
+    failed_block_ids: list[int] = field(default_factory=list)
+    processed_keys: list[bytes] = field(default_factory=list)
+    skipped: int = 0
+
+
+class WorkerSide:
+    def __init__(self, config: SymramConfig, rank: int) -> None:
+        self.config = config
+        self.rank = rank
+        self.layout: KVLayout | None = None
+        self.store: TieredStore | None = None
+        self.runner: TransferRunner | None = None
+        self._lock = threading.Lock()
+        self._loads: dict[str, Future[JobResult]] = {}
+        self._saves: dict[str, list[Future[JobResult]]] = defaultdict(list)
+        self._awaiting_free: set[str] = set()
+        self._load_errors: set[int] = set()
+        self._processed: list[bytes] = []
+        self._failed_keys: list[bytes] = []
+        self._counters: dict[str, float] = defaultdict(float)
+        self.disabled_reason: str | None = None
+        self._seen_evictions = 0.0
+
+    # -- setup ---------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        try:
+            layout = KVLayout(kv_caches)
+        except LayoutError as exc:
+            self._disable(f"unsupported KV cache layout: {exc}")
+            return
+        self.layout = layout
+        self.store = TieredStore(layout.page_bytes, self.config.dram_bytes)
+        self.runner = TransferRunner(layout.device, self.config.transfer_threads)
+        logger.info(
+            "symram worker rank %d: %d layers, page %d bytes, DRAM tier %d pages (%s pinned)",
+            self.rank,
+            len(layout.layers),
+            layout.page_bytes,
+            self.store.dram.num_slots,
+            "" if self.store.dram.pinned else "not",
+        )
+
+    def _disable(self, reason: str) -> None:
+        # Serving continues without symram rather than risking a wrong token.
+        self.disabled_reason = reason
+        logger.error("symram disabled on worker rank %d: %s", self.rank, reason)
+
+    @property
+    def active(self) -> bool:
+        return self.store is not None and self.disabled_reason is None
+
+    # -- per-step entry points -----------------------------------------------------------
+    def handle_preemptions(self, meta: SymramConnectorMetadata) -> None:
+        """Preempted requests' blocks are freed at once: finish reading them first."""
+        if not meta.preempted:
+            return
+        with self._lock:
+            pending = [f for req in meta.preempted for f in self._saves.get(req, [])]
+        wait(pending)
+
+    def start_loads(self, meta: SymramConnectorMetadata) -> None:
+        for job in meta.loads:
+            if not self.active:
+                self._fail_job(job)
+                continue
+            assert self.runner is not None
+            future = self.runner.submit(lambda job=job: self._run_load(job))
+            with self._lock:
+                self._loads[job.req_id] = future
+
+    def submit_saves(self, meta: SymramConnectorMetadata) -> None:
+        with self._lock:
+            self._awaiting_free.update(meta.delayed_free)
+        if not self.active:
+            with self._lock:
+                self._processed.extend(k for job in meta.saves for k in job.keys)
+            return
+        assert self.runner is not None
+        for job in meta.saves:
+            future = self.runner.submit(lambda job=job: self._run_save(job))
+            with self._lock:
+                self._saves[job.req_id].append(future)
+
+    def _fail_job(self, job: BlockJob) -> None:
+        future: Future[JobResult] = Future()
+        future.set_result(JobResult(job.req_id, failed_block_ids=list(job.block_ids)))
+        with self._lock:
+            self._loads[job.req_id] = future
+
+    # -- the copies (run on the transfer thread) -----------------------------------------
+    def _run_load(self, job: BlockJob) -> JobResult:
+        assert self.store is not None and self.layout is not None
+        result = JobResult(job.req_id)
+        start = time.perf_counter()
+        for index, (block_id, chain) in enumerate(zip(job.block_ids, job.keys, strict=True)):
+            key = BlockKey(chain, self.rank)
+            page = self.store.acquire(key)
+            if page is None:
+                # vLLM recomputes from the first failed block on; later blocks are
+                # unusable without it, so report them all.
+                result.failed_block_ids.extend(job.block_ids[index:])
+                break
+            try:
+                self.layout.scatter(page, block_id)
+            finally:
+                self.store.release(key)
+            result.moved_blocks += 1
+        result.moved_bytes = result.moved_blocks * self.layout.page_bytes
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _run_save(self, job: BlockJob) -> JobResult:
+        assert self.store is not None and self.layout is not None
+        result = JobResult(job.req_id, processed_keys=list(job.keys))
+        start = time.perf_counter()
+        for block_id, chain in zip(job.block_ids, job.keys, strict=True):
+            key = BlockKey(chain, self.rank)
+            slot = self.store.reserve(key)
+            if slot is None:
+                result.skipped += 1
+                continue
+            try:
+                self.layout.gather(block_id, slot)
+            except BaseException:
+                self.store.abort(key)
+                raise
+            self.store.commit(key)
+            result.moved_blocks += 1
+        result.moved_bytes = result.moved_blocks * self.layout.page_bytes
+        result.seconds = time.perf_counter() - start
+        return result
+
+    # -- completion ----------------------------------------------------------------------
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
+        recving: set[str] = set()
+        sending: set[str] = set()
+        with self._lock:
+            for req_id, future in list(self._loads.items()):
+                if future.done():
+                    del self._loads[req_id]
+                    recving.add(req_id)
+                    self._absorb(future, "load")
+            for req_id, futures in list(self._saves.items()):
+                remaining = [f for f in futures if not f.done()]
+                for f in futures:
+                    if f.done():
+                        self._absorb(f, "save")
+                if remaining:
+                    self._saves[req_id] = remaining
+                else:
+                    del self._saves[req_id]
+            for req_id in list(self._awaiting_free):
+                if req_id not in self._saves and req_id not in self._loads:
+                    self._awaiting_free.discard(req_id)
+                    sending.add(req_id)
+        return sending, recving
+
+    def _absorb(self, future: Future[JobResult], kind: str) -> None:
+        try:
+            result = future.result()
+        except Exception:
+            logger.exception("symram %s job failed", kind)
+            self._counters[f"{kind}_job_errors"] += 1
+            return
+        if kind == "load":
+            self._counters["loaded_blocks"] += result.moved_blocks
+            self._counters["load_bytes"] += result.moved_bytes
+            self._counters["load_seconds"] += result.seconds
+            self._counters["load_failed_blocks"] += len(result.failed_block_ids)
+            self._load_errors.update(result.failed_block_ids)
+        else:
+            self._counters["saved_blocks"] += result.moved_blocks
+            self._counters["save_bytes"] += result.moved_bytes
+            self._counters["save_seconds"] += result.seconds
+            self._counters["save_skipped_blocks"] += result.skipped
+            self._processed.extend(result.processed_keys)
+
+    def take_load_errors(self) -> set[int]:
+        with self._lock:
+            errors, self._load_errors = self._load_errors, set()
+            return errors
+
+    def build_worker_meta(self) -> SymramWorkerMetadata | None:
+        with self._lock:
+            processed, self._processed = self._processed, []
+        events = self.store.drain_events() if self.store is not None else None
+        if not processed and not events:
+            return None
+        return SymramWorkerMetadata(
+            stored=list(events.stored) if events else [],
+            removed=list(events.removed) if events else [],
+            processed=processed,
+        )
+
+    def take_counters(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Counters since the last call, and current gauges."""
+        with self._lock:
+            counters, self._counters = dict(self._counters), defaultdict(float)
+        gauges: dict[str, float] = {}
+        if self.store is not None:
+            stats = self.store.stats()
+            evictions = stats["dram_evictions"]
+            counters["dram_evictions"] = evictions - self._seen_evictions
+            self._seen_evictions = evictions
+            gauges = {
+                "dram_pages": stats["dram_pages"],
+                "dram_bytes_used": stats["dram_bytes_used"],
+                "dram_bytes_capacity": stats["dram_bytes_capacity"],
+                "get_p50_seconds": stats["get_p50_s"],
+                "get_p95_seconds": stats["get_p95_s"],
+            }
+        return counters, gauges
+
+    def shutdown(self) -> None:
+        if self.runner is not None:
+            self.runner.shutdown()
+        if self.store is not None:
+            self.store.close()

@@ -1,0 +1,185 @@
+"""Deterministic, offline demo/test model: a byte-level BPE tokenizer trained on the
+Python stdlib sources plus a random-weight Llama.
+
+Nothing is downloaded. The same size on the same Python minor version always yields
+the same files, so greedy outputs are reproducible across machines and runs, which
+is what makes "output with loaded KV == output with recomputed KV" an exact test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import sysconfig
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+STAMP_FILE = "symram-demo-model.json"
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class DemoModelSpec:
+    size: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    max_position_embeddings: int = 16384
+    seed: int = 1234
+    tokenizer_corpus_bytes: int = 4_000_000
+
+
+SIZES: dict[str, DemoModelSpec] = {
+    "tiny": DemoModelSpec("tiny", 256, 512, 2, 4, 2, 4096),
+    "mid": DemoModelSpec("mid", 768, 2048, 8, 4, 2, 8192),
+}
+
+
+def spec_hash(spec: DemoModelSpec) -> str:
+    """Hash of everything that determines the produced files."""
+    payload = json.dumps(
+        {"spec": asdict(spec), "python": list(sys.version_info[:2]), "format": 1},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "symram" / "models"
+
+
+def _stdlib_corpus(max_bytes: int) -> list[str]:
+    """Stdlib .py files in sorted order until max_bytes: deterministic per Python version."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts: list[str] = []
+    total = 0
+    for path in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")):
+        if "site-packages" in path.parts or "test" in path.parts:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        texts.append(text)
+        total += len(text)
+        if total >= max_bytes:
+            break
+    if not texts:
+        raise RuntimeError(f"no Python stdlib sources found under {root}")
+    return texts
+
+
+def _train_tokenizer(spec: DemoModelSpec, out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    special = ["<s>", "</s>", "<unk>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_stdlib_corpus(spec.tokenizer_corpus_bytes), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+
+
+def _build_weights(spec: DemoModelSpec, out: Path, vocab_size: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=3,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+    )
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config)
+    # Wider-than-default init so logits are not near-uniform: greedy decoding then
+    # depends strongly on the KV, which makes wrong KV visible in the output.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.05)
+    model = model.to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def is_built(path: Path, spec: DemoModelSpec) -> bool:
+    stamp = path / STAMP_FILE
+    if not stamp.is_file():
+        return False
+    try:
+        data = json.loads(stamp.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return data.get("hash") == spec_hash(spec)
+
+
+def build_demo_model(path: Path | None = None, size: str = "tiny", force: bool = False) -> Path:
+    """Build (or reuse) the demo model for `size` at `path`; returns the model directory.
+
+    The directory is written to a temporary sibling and renamed into place, so an
+    interrupted build never leaves a half-written model that looks complete.
+    """
+    if size not in SIZES:
+        raise ValueError(f"unknown demo model size {size!r}; choose one of {sorted(SIZES)}")
+    spec = SIZES[size]
+    digest = spec_hash(spec)
+    target = Path(path) if path is not None else default_cache_dir() / f"{size}-{digest}"
+    if not force and is_built(target, spec):
+        return target
+    if target.exists() and any(target.iterdir()) and not (target / STAMP_FILE).exists():
+        raise FileExistsError(
+            f"{target} exists and is not a symram demo model; pick an empty or new path"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        _train_tokenizer(spec, tmp)
+        from transformers import AutoTokenizer
+
+        vocab = len(AutoTokenizer.from_pretrained(tmp))
+        _build_weights(spec, tmp, vocab)
+        (tmp / STAMP_FILE).write_text(
+            json.dumps({"hash": digest, "spec": asdict(spec), "vocab": vocab}, indent=2)
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

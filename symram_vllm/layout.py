@@ -1,0 +1,116 @@
+"""How one vLLM KV block maps to the bytes of one tier page.
+
+A page holds one block of every layer, K and V, back to back:
+
+    page = layer0[H, N, C] | layer1[H, N, C] | ...      (each contiguous, engine dtype)
+
+where each layer's cache is vLLM's standardized per-layer view ``[B, H, N, C]``
+(blocks, KV heads, tokens in a block, K‖V content). The page order is canonical,
+whatever the physical strides of the engine's cache are, so a page written by one
+backend can be read by another with the same logical shape. This module knows
+tensors, not vLLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+class LayoutError(ValueError):
+    """The engine's KV cache does not have the shape symram was told to expect."""
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    name: str
+    block_shape: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class LayoutDescription:
+    """What must match for two engines to share pages (goes into the key signature)."""
+
+    num_layers: int
+    block_shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def text(self) -> str:
+        dims = "x".join(str(d) for d in self.block_shape)
+        return f"BHNC[{dims}]x{self.num_layers}:{self.dtype}"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class KVLayout:
+    """Maps block ids of the engine's per-layer caches to canonical page bytes."""
+
+    def __init__(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        if not kv_caches:
+            raise LayoutError("no KV cache tensors were registered")
+        self.layer_names = list(kv_caches)
+        self._caches = [kv_caches[name] for name in self.layer_names]
+        first = self._caches[0]
+        if first.dim() < 2:
+            raise LayoutError(f"KV cache tensor of shape {tuple(first.shape)} has no block dim")
+        self.num_blocks = first.shape[0]
+        specs: list[LayerSpec] = []
+        offset = 0
+        for name, cache in zip(self.layer_names, self._caches, strict=True):
+            if cache.shape[0] != self.num_blocks:
+                raise LayoutError(
+                    f"layer {name} has {cache.shape[0]} blocks, expected {self.num_blocks}; "
+                    "symram needs one uniform KV cache group (hybrid models are not supported)"
+                )
+            nbytes = cache[0].numel() * cache.element_size()
+            specs.append(LayerSpec(name, tuple(cache.shape[1:]), cache.dtype, offset, nbytes))
+            offset += nbytes
+        self.layers = specs
+        self.page_bytes = offset
+        shapes = {s.block_shape for s in specs}
+        dtypes = {s.dtype for s in specs}
+        if len(shapes) != 1 or len(dtypes) != 1:
+            raise LayoutError(f"layers differ in block shape {shapes} or dtype {dtypes}")
+        self.description = LayoutDescription(
+            len(specs), specs[0].block_shape, _dtype_name(specs[0].dtype)
+        )
+        self.device = first.device
+
+    def page_views(self, page: torch.Tensor) -> list[torch.Tensor]:
+        """Typed per-layer views into a flat uint8 page (no copy)."""
+        if page.numel() != self.page_bytes:
+            raise LayoutError(f"page has {page.numel()} bytes, layout needs {self.page_bytes}")
+        return [
+            page[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.block_shape)
+            for s in self.layers
+        ]
+
+    def block_views(self, block_id: int) -> list[torch.Tensor]:
+        """The engine-side [H, N, C] view of `block_id` in every layer."""
+        return [cache[block_id] for cache in self._caches]
+
+    def gather(self, block_id: int, page: torch.Tensor, non_blocking: bool = False) -> None:
+        """Copy one engine block (all layers) into `page`."""
+        for dst, src in zip(self.page_views(page), self.block_views(block_id), strict=True):
+            dst.copy_(src, non_blocking=non_blocking)
+
+    def scatter(self, page: torch.Tensor, block_id: int, non_blocking: bool = False) -> None:
+        """Copy `page` into one engine block (all layers)."""
+        for src, dst in zip(self.page_views(page), self.block_views(block_id), strict=True):
+            dst.copy_(src, non_blocking=non_blocking)
+
+    def gather_many(self, block_ids: Sequence[int], pages: Sequence[torch.Tensor]) -> None:
+        for block_id, page in zip(block_ids, pages, strict=True):
+            self.gather(block_id, page)
+
+    def scatter_many(self, pages: Sequence[torch.Tensor], block_ids: Sequence[int]) -> None:
+        for page, block_id in zip(pages, block_ids, strict=True):
+            self.scatter(page, block_id)

@@ -1,0 +1,1 @@
+"""Storage tiers. A tier knows keys and bytes, not vLLM."""

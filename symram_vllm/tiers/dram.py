@@ -1,0 +1,212 @@
+"""Host-DRAM tier: a byte-budgeted arena of fixed-size page slots with LRU eviction.
+
+The arena is one tensor allocated once, so no page ever costs a malloc on the hot
+path, and on CUDA hosts it is page-locked (pinned) so device copies run at full
+PCIe/NVLink speed and asynchronously. Slots are handed out zero-copy:
+``reserve`` gives the writer a view to fill, ``commit`` publishes it, and
+``acquire``/``release`` bracket a reader so a page cannot be evicted mid-copy.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+
+import torch
+
+from symram_vllm.capability import pinned_memory_supported
+from symram_vllm.keys import BlockKey
+from symram_vllm.tiers.base import Tier, TierStats
+
+EvictCallback = Callable[[BlockKey, torch.Tensor], None]
+
+
+class DramTierFull(RuntimeError):
+    """Every slot is pinned or being read/written: nothing can be evicted."""
+
+
+class DramTier(Tier):
+    name = "dram"
+
+    def __init__(
+        self,
+        page_bytes: int,
+        budget_bytes: int,
+        *,
+        pin_memory: bool | None = None,
+        on_evict: EvictCallback | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if page_bytes <= 0:
+            raise ValueError(f"page_bytes must be positive, got {page_bytes}")
+        num_slots = budget_bytes // page_bytes
+        if num_slots < 1:
+            raise ValueError(
+                f"DRAM budget of {budget_bytes} bytes holds no page of {page_bytes} bytes; "
+                f"raise SYMRAM_DRAM_BYTES (or dram_bytes in the config) to at least {page_bytes}"
+            )
+        self.page_bytes = page_bytes
+        self.num_slots = num_slots
+        self.pinned = pinned_memory_supported() if pin_memory is None else pin_memory
+        # torch.empty does not touch the pages, so an unused budget costs no RSS on
+        # CPU hosts; pinned allocations are committed up front, as CUDA requires.
+        self.arena = torch.empty((num_slots, page_bytes), dtype=torch.uint8, pin_memory=self.pinned)
+        self._lock = threading.RLock()
+        self._lru: OrderedDict[BlockKey, int] = OrderedDict()
+        self._reserved: dict[BlockKey, int] = {}
+        self._readers: dict[BlockKey, int] = {}
+        self._pinned_until: dict[BlockKey, float] = {}
+        self._free: list[int] = list(range(num_slots - 1, -1, -1))
+        self._on_evict = on_evict
+        self._clock = clock
+        self._stats = TierStats(bytes_capacity=num_slots * page_bytes)
+
+    # -- the three verbs ---------------------------------------------------------------
+    def exists(self, key: BlockKey) -> bool:
+        with self._lock:
+            return key in self._lru
+
+    def get(self, key: BlockKey, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        view = self.acquire(key)
+        if view is None:
+            return None
+        try:
+            if out is None:
+                return view.clone()
+            out.copy_(view)
+            return out
+        finally:
+            self.release(key)
+
+    def set(self, key: BlockKey, page: torch.Tensor) -> bool:
+        if page.numel() != self.page_bytes or page.dtype != torch.uint8:
+            raise ValueError(
+                f"page must be {self.page_bytes} uint8 bytes, got {page.numel()} {page.dtype}"
+            )
+        slot = self.reserve(key)
+        if slot is None:
+            return key in self._lru
+        slot.copy_(page)
+        self.commit(key)
+        return True
+
+    def delete(self, key: BlockKey) -> bool:
+        with self._lock:
+            if key in self._readers or key not in self._lru:
+                return False
+            slot = self._lru.pop(key)
+            self._pinned_until.pop(key, None)
+            self._free.append(slot)
+            return True
+
+    def keys(self) -> Iterator[BlockKey]:
+        with self._lock:
+            return iter(list(self._lru))
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            self._stats.pages = len(self._lru)
+            self._stats.bytes_used = len(self._lru) * self.page_bytes
+            self._stats.extra["pinned_host_memory"] = float(self.pinned)
+            return TierStats(**{**self._stats.__dict__, "extra": dict(self._stats.extra)})
+
+    # -- zero-copy slot protocol -------------------------------------------------------
+    def reserve(self, key: BlockKey) -> torch.Tensor | None:
+        """A writable slot for `key`, or None if `key` is already stored or being written.
+
+        Raises DramTierFull when every slot is pinned or in use.
+        """
+        with self._lock:
+            if key in self._lru or key in self._reserved:
+                return None
+            slot = self._take_slot()
+            self._reserved[key] = slot
+            return self.arena[slot]
+
+    def commit(self, key: BlockKey) -> None:
+        with self._lock:
+            slot = self._reserved.pop(key)
+            self._lru[key] = slot
+            self._stats.puts += 1
+
+    def abort(self, key: BlockKey) -> None:
+        with self._lock:
+            slot = self._reserved.pop(key, None)
+            if slot is not None:
+                self._free.append(slot)
+
+    def acquire(self, key: BlockKey) -> torch.Tensor | None:
+        """Read view of a stored page, protected from eviction until `release`."""
+        with self._lock:
+            slot = self._lru.get(key)
+            if slot is None:
+                self._stats.misses += 1
+                return None
+            self._lru.move_to_end(key)
+            self._readers[key] = self._readers.get(key, 0) + 1
+            self._stats.hits += 1
+            return self.arena[slot]
+
+    def release(self, key: BlockKey) -> None:
+        with self._lock:
+            count = self._readers.get(key, 0) - 1
+            if count <= 0:
+                self._readers.pop(key, None)
+            else:
+                self._readers[key] = count
+
+    def slot_of(self, key: BlockKey) -> int | None:
+        with self._lock:
+            return self._lru.get(key)
+
+    # -- pinning -----------------------------------------------------------------------
+    def pin(self, key: BlockKey, ttl_s: float | None = None) -> bool:
+        """Keep `key` resident for `ttl_s` seconds (forever when None)."""
+        with self._lock:
+            if key not in self._lru:
+                return False
+            self._pinned_until[key] = float("inf") if ttl_s is None else self._clock() + ttl_s
+            return True
+
+    def unpin(self, key: BlockKey) -> None:
+        with self._lock:
+            self._pinned_until.pop(key, None)
+
+    def is_pinned(self, key: BlockKey) -> bool:
+        with self._lock:
+            return self._pin_active(key)
+
+    def _pin_active(self, key: BlockKey) -> bool:
+        until = self._pinned_until.get(key)
+        if until is None:
+            return False
+        if until <= self._clock():
+            del self._pinned_until[key]
+            return False
+        return True
+
+    # -- eviction ----------------------------------------------------------------------
+    def _take_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        for victim in self._lru:  # oldest first
+            if victim in self._readers or self._pin_active(victim):
+                continue
+            slot = self._lru.pop(victim)
+            self._stats.evictions += 1
+            if self._on_evict is not None:
+                self._on_evict(victim, self.arena[slot])
+            return slot
+        raise DramTierFull(
+            f"all {self.num_slots} DRAM slots are pinned or in use; unpin pages or raise "
+            "SYMRAM_DRAM_BYTES"
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._lru.clear()
+            self._reserved.clear()
+            self._readers.clear()
+            self._free = list(range(self.num_slots - 1, -1, -1))
