@@ -186,7 +186,9 @@ class SymramConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert self._worker is not None and isinstance(meta, SymramConnectorMetadata)
-        self._worker.start_loads(meta)
+        # vLLM runs connector-only steps with no attention metadata.
+        idle = getattr(forward_context, "attn_metadata", None) is None
+        self._worker.start_loads(meta, idle_step=idle)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         # Loads are whole-request and asynchronous: a request only runs after

@@ -89,15 +89,22 @@ class WorkerSide:
             pending = [f for req in meta.preempted for f in self._saves.get(req, [])]
         wait(pending)
 
-    def start_loads(self, meta: SymramConnectorMetadata) -> None:
+    def start_loads(self, meta: SymramConnectorMetadata, *, idle_step: bool = False) -> None:
+        """Start this step's loads. On a step with no forward pass nothing competes
+        for the copy, so wait for it: the request is then reported loaded in this
+        same step instead of the next one (one engine step less on every hit)."""
+        submitted: list[Future[JobResult]] = []
         for job in meta.loads:
             if not self.active:
                 self._fail_job(job)
                 continue
             assert self.runner is not None
             future = self.runner.submit(lambda job=job: self._run_load(job))
+            submitted.append(future)
             with self._lock:
                 self._loads[job.req_id] = future
+        if idle_step and submitted:
+            wait(submitted)
 
     def submit_saves(self, meta: SymramConnectorMetadata) -> None:
         with self._lock:

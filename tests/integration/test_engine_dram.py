@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.engine import EngineServer
+from symram_vllm.serving.engine_process import EngineServer
 
 pytestmark = pytest.mark.engine
 

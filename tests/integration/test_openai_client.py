@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from openai import OpenAI
 
-from tests.engine import EngineServer
+from symram_vllm.serving.engine_process import EngineServer
 
 pytestmark = pytest.mark.engine
 

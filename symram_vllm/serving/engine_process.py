@@ -1,4 +1,5 @@
-"""Start and stop real `symram serve` (vLLM + symram) servers for tests and benchmarks."""
+"""Run a real `symram serve` (vLLM + symram, or vanilla vLLM) as a child process:
+used by the tests, the benchmarks and the local stack."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Benchmarks and load tests. Each writes its figures to loadtest/results/."""

@@ -1,0 +1,148 @@
+"""TTFT benchmark (not a timed test): recompute vs vLLM device prefix-cache hit vs symram
+DRAM-tier hit, for ~2k and ~8k-token prompts on the `mid` demo model.
+
+One vLLM+symram server, conditions alternated inside each repeat:
+  1. recompute  - a prompt never seen before (prefill; symram misses and saves it);
+  2. device hit - the same prompt again at once (vLLM's own prefix cache);
+  3. DRAM hit   - the same prompt after filler prompts evicted it from vLLM's cache,
+                  so its KV comes back from symram's DRAM tier.
+TTFT is taken at the first streamed chunk with content. Medians over repeats; ratios
+are taken within this run. Writes loadtest/results/ttft.json and prints a table.
+
+    python -m loadtest.bench_ttft [--repeats 5] [--size mid]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+from tqdm import tqdm
+
+from loadtest.machine import describe_machine
+from symram_vllm.demo_model import build_demo_model
+from symram_vllm.serving.engine_process import EngineServer
+
+RESULTS = Path(__file__).parent / "results"
+LENGTHS = {"2k": 2048 + 200, "8k": 7957}
+BYTES_PER_TOKEN_MID = 8 * 2 * 2 * 192 * 2  # layers x K,V x kv heads x head dim x bf16
+
+
+def ttft(server: EngineServer, prompt: list[int]) -> tuple[float, int]:
+    """Seconds to the first content chunk, and the cached prompt tokens vLLM reports."""
+    body = {
+        "model": "demo",
+        "prompt": prompt,
+        "max_tokens": 2,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    first: float | None = None
+    cached = 0
+    with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and chunk.get("choices") and chunk["choices"][0].get("text"):
+                first = time.perf_counter() - start
+            usage = chunk.get("usage")
+            if usage and usage.get("prompt_tokens_details"):
+                cached = usage["prompt_tokens_details"].get("cached_tokens") or 0
+    if first is None:
+        first = time.perf_counter() - start
+    return first, cached
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--size", default="mid", choices=["tiny", "mid"])
+    parser.add_argument("--out", type=Path, default=RESULTS / "ttft.json")
+    args = parser.parse_args(argv)
+
+    model = build_demo_model(None, args.size)
+    rng = random.Random(7)
+    # vLLM's cache holds ~1.3 prompts of 8k tokens: two 8k fillers evict anything.
+    kv_bytes = int(1.3 * LENGTHS["8k"] * BYTES_PER_TOKEN_MID)
+    log = RESULTS / "logs" / "bench_ttft_server.log"
+    server = EngineServer(
+        model, log, connector="symram", kv_cache_bytes=kv_bytes, max_model_len=8448,
+        dram_bytes="4GiB",
+    )
+    samples: dict[str, dict[str, list[float]]] = {
+        size: {"recompute": [], "device_hit": [], "dram_hit": []} for size in LENGTHS
+    }
+    cached_tokens: dict[str, list[int]] = {size: [] for size in LENGTHS}
+
+    def fresh(n: int) -> list[int]:
+        return [rng.randrange(10, 8000) for _ in range(n)]
+
+    print(f"starting vLLM + symram ({args.size} model); log: {log}", flush=True)
+    with server:
+        ttft(server, fresh(512))  # warm-up: first-request compilation and allocation
+        steps = args.repeats * len(LENGTHS)
+        with tqdm(total=steps, desc="ttft", unit="case") as bar:
+            for _ in range(args.repeats):
+                for size, length in LENGTHS.items():
+                    prompt = fresh(length)
+                    samples[size]["recompute"].append(ttft(server, prompt)[0])
+                    samples[size]["device_hit"].append(ttft(server, prompt)[0])
+                    for _filler in range(2):
+                        ttft(server, fresh(LENGTHS["8k"]))
+                    seconds, cached = ttft(server, prompt)
+                    samples[size]["dram_hit"].append(seconds)
+                    cached_tokens[size].append(cached)
+                    bar.update()
+        metrics = server.metrics()
+
+    medians = {
+        size: {cond: statistics.median(vals) for cond, vals in conds.items()}
+        for size, conds in samples.items()
+    }
+    result: dict[str, object] = {
+        "model": args.size,
+        "repeats": args.repeats,
+        "prompt_tokens": LENGTHS,
+        "vllm_kv_cache_bytes": kv_bytes,
+        "median_ttft_s": medians,
+        "samples_s": samples,
+        "dram_hit_cached_tokens": cached_tokens,
+        "symram_loaded_blocks": metrics.get("symram:loaded_blocks_total", 0.0),
+        "symram_load_failed_blocks": metrics.get("symram:load_failed_blocks_total", 0.0),
+        "machine": describe_machine(),
+        "command": f"python -m loadtest.bench_ttft --repeats {args.repeats} --size {args.size}",
+    }
+    for size in LENGTHS:
+        m = medians[size]
+        result[f"dram_hit_over_device_hit_{size}"] = m["dram_hit"] / m["device_hit"]
+        result[f"recompute_over_dram_hit_{size}"] = m["recompute"] / m["dram_hit"]
+        result[f"recompute_over_device_hit_{size}"] = m["recompute"] / m["device_hit"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"\nmedian TTFT over {args.repeats} repeats ({args.size} model)")
+    print(f"{'prompt':>8} {'recompute':>11} {'device hit':>11} {'DRAM hit':>11} "
+          f"{'DRAM/device':>12} {'recompute/DRAM':>15}")
+    for size in LENGTHS:
+        m = medians[size]
+        print(
+            f"{LENGTHS[size]:>8} {m['recompute']:>10.3f}s {m['device_hit']:>10.3f}s "
+            f"{m['dram_hit']:>10.3f}s {result[f'dram_hit_over_device_hit_{size}']:>11.2f}x "
+            f"{result[f'recompute_over_dram_hit_{size}']:>14.1f}x"
+        )
+    print(f"DRAM-hit cached tokens per repeat: {cached_tokens}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
