@@ -172,12 +172,3 @@ class SchedulerSide:
             return False
         self._delayed_free.append(request.request_id)
         return True
-
-    def reset(self) -> None:
-        self.directory.remove(list(self._all_keys()))
-
-    def _all_keys(self) -> set[bytes]:
-        keys: set[bytes] = set()
-        for state in self._requests.values():
-            keys.update(state.keys)
-        return keys
