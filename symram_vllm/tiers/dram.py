@@ -9,6 +9,7 @@ PCIe/NVLink speed and asynchronously. Slots are handed out zero-copy:
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import OrderedDict
@@ -21,6 +22,8 @@ from symram_vllm.keys import BlockKey
 from symram_vllm.tiers.base import Tier, TierStats
 
 EvictCallback = Callable[[BlockKey, torch.Tensor], None]
+# Picks the victim among the least recently used evictable keys (oldest first).
+VictimChooser = Callable[[list[BlockKey]], BlockKey]
 
 
 class DramTierFull(RuntimeError):
@@ -38,6 +41,8 @@ class DramTier(Tier):
         pin_memory: bool | None = None,
         on_evict: EvictCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
+        victim_chooser: VictimChooser | None = None,
+        victim_window: int = 16,
     ) -> None:
         if page_bytes <= 0:
             raise ValueError(f"page_bytes must be positive, got {page_bytes}")
@@ -61,6 +66,10 @@ class DramTier(Tier):
         self._free: list[int] = list(range(num_slots - 1, -1, -1))
         self._on_evict = on_evict
         self._clock = clock
+        # Scoring only the `victim_window` oldest candidates keeps eviction O(window)
+        # (sampled, like Redis' approximated LRU/LFU) instead of O(slots).
+        self._victim_chooser = victim_chooser
+        self._victim_window = max(1, victim_window)
         self._stats = TierStats(bytes_capacity=num_slots * page_bytes)
 
     # -- the three verbs ---------------------------------------------------------------
@@ -157,6 +166,10 @@ class DramTier(Tier):
             else:
                 self._readers[key] = count
 
+    def free_slots(self) -> int:
+        with self._lock:
+            return len(self._free)
+
     def slot_of(self, key: BlockKey) -> int | None:
         with self._lock:
             return self._lru.get(key)
@@ -191,9 +204,8 @@ class DramTier(Tier):
     def _take_slot(self) -> int:
         if self._free:
             return self._free.pop()
-        for victim in self._lru:  # oldest first
-            if victim in self._readers or self._pin_active(victim):
-                continue
+        victim = self._pick_victim()
+        if victim is not None:
             slot = self._lru.pop(victim)
             self._stats.evictions += 1
             if self._on_evict is not None:
@@ -203,6 +215,13 @@ class DramTier(Tier):
             f"all {self.num_slots} DRAM slots are pinned or in use; unpin pages or raise "
             "SYMRAM_DRAM_BYTES"
         )
+
+    def _pick_victim(self) -> BlockKey | None:
+        eligible = (k for k in self._lru if k not in self._readers and not self._pin_active(k))
+        if self._victim_chooser is None:
+            return next(eligible, None)  # oldest first: plain LRU
+        window = list(itertools.islice(eligible, self._victim_window))
+        return self._victim_chooser(window) if window else None
 
     def close(self) -> None:
         with self._lock:

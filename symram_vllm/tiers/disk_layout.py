@@ -1,0 +1,184 @@
+"""Where the disk tier keeps things, and how it rebuilds its index on start.
+
+    <root>/.lock                 flock: one live DiskTier per directory
+    <root>/manifest.jsonl        written on clean close, consumed on start
+    <root>/pages/ab/<key>.page   one file per page, fanned out by the key's first byte
+    <root>/quarantine/           pages that failed verification, kept for post-mortems
+
+One file per page (not slabs): crash consistency is a rename, eviction an unlink,
+quarantine a move, variable-size (zstd) pages need no allocator, and a restart
+is a directory walk. docs/tiers.md has the benchmark behind this choice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from symram_vllm.keys import BlockKey
+from symram_vllm.snapshot import ManifestEntry
+from symram_vllm.tiers.aligned_io import AlignedBuffer, FileIO
+from symram_vllm.tiers.page_format import HEADER_BYTES, PageCorrupt, unpack_header, verify
+
+logger = logging.getLogger(__name__)
+
+PAGE_SUFFIX = ".page"
+TMP_SUFFIX = ".tmp"
+MANIFEST_NAME = "manifest.jsonl"
+
+
+@dataclass(frozen=True, slots=True)
+class DiskEntry:
+    file_bytes: int
+    payload_len: int
+    checksum: int
+    codec: str = "none"
+    position: int = 0
+
+
+def relative_page_path(key: BlockKey) -> str:
+    return f"{key.chain[:1].hex()}/{key.hex}{PAGE_SUFFIX}"
+
+
+def key_from_name(name: str) -> BlockKey | None:
+    if not name.endswith(PAGE_SUFFIX):
+        return None
+    try:
+        return BlockKey.from_hex(name[: -len(PAGE_SUFFIX)])
+    except ValueError:
+        return None
+
+
+@dataclass
+class FoundFile:
+    path: Path
+    rel: str
+    size: int
+    mtime: float
+
+
+@dataclass
+class ScanReport:
+    entries: list[tuple[BlockKey, DiskEntry]]  # least recently used first
+    corrupt: list[tuple[Path, PageCorrupt]]
+    temp_removed: int = 0
+    foreign: int = 0
+    from_manifest: int = 0
+    scanned: int = 0
+
+
+def walk_pages(pages_dir: Path) -> tuple[list[FoundFile], list[Path], int]:
+    """Page files, leftover temp files, and the count of files that are neither."""
+    pages: list[FoundFile] = []
+    temps: list[Path] = []
+    foreign = 0
+    if not pages_dir.is_dir():
+        return pages, temps, foreign
+    for sub in os.scandir(pages_dir):
+        if not sub.is_dir(follow_symlinks=False):
+            continue
+        for item in os.scandir(sub.path):
+            if item.name.endswith(TMP_SUFFIX):
+                temps.append(Path(item.path))
+            elif item.name.endswith(PAGE_SUFFIX) and item.is_file(follow_symlinks=False):
+                st = item.stat(follow_symlinks=False)
+                rel = f"{sub.name}/{item.name}"
+                pages.append(FoundFile(Path(item.path), rel, st.st_size, st.st_mtime))
+            else:
+                foreign += 1
+    return pages, temps, foreign
+
+
+def rebuild_index(
+    pages_dir: Path,
+    io: FileIO,
+    manifest: dict[str, ManifestEntry],
+    progress_min_files: int,
+) -> ScanReport:
+    """Index every page under `pages_dir`.
+
+    A page listed in a verified manifest with the same size is trusted without
+    reading it (its checksum is still verified on every read); any other page has
+    its header read and checked against its file name. Temp files are debris from
+    writers that died mid-write: the directory lock guarantees no live writer owns
+    them, so they are deleted.
+    """
+    found, temps, foreign = walk_pages(pages_dir)
+    report = ScanReport(entries=[], corrupt=[], foreign=foreign)
+    for tmp in temps:
+        try:
+            tmp.unlink()
+            report.temp_removed += 1
+        except OSError as exc:
+            logger.warning("cannot remove stale temp file %s: %s", tmp, exc)
+    listed: list[tuple[int, BlockKey, DiskEntry]] = []
+    scanned: list[tuple[float, BlockKey, DiskEntry]] = []
+    order = {rel: i for i, rel in enumerate(manifest)}
+    header_buf = AlignedBuffer(HEADER_BYTES)
+    progress = tqdm(
+        found, desc="symram disk index", unit="page", disable=len(found) < progress_min_files
+    )
+    for f in progress:
+        key = key_from_name(f.path.name)
+        if key is None:
+            report.corrupt.append((f.path, PageCorrupt("bad-name", f"{f.rel} is not a key")))
+            continue
+        listed_entry = manifest.get(f.rel)
+        if listed_entry is not None and listed_entry.file_bytes == f.size:
+            entry = DiskEntry(
+                listed_entry.file_bytes,
+                listed_entry.length,
+                int(listed_entry.checksum.split(":", 1)[1], 16),
+                listed_entry.codec,
+                listed_entry.position,
+            )
+            listed.append((order[f.rel], key, entry))
+            report.from_manifest += 1
+            continue
+        try:
+            entry = read_entry(f, key, io, header_buf)
+        except PageCorrupt as exc:
+            report.corrupt.append((f.path, exc))
+            continue
+        except OSError as exc:
+            logger.warning("cannot read %s while indexing: %s", f.path, exc)
+            continue
+        scanned.append((f.mtime, key, entry))
+        report.scanned += 1
+    # Unknown recency (scanned) ranks as older than anything the manifest ordered.
+    scanned.sort(key=lambda t: t[0])
+    listed.sort(key=lambda t: t[0])
+    report.entries = [(k, e) for _, k, e in scanned] + [(k, e) for _, k, e in listed]
+    return report
+
+
+def read_entry(f: FoundFile, key: BlockKey, io: FileIO, header_buf: AlignedBuffer) -> DiskEntry:
+    n = io.read_into(f.path, [header_buf.view(HEADER_BYTES)])
+    if n < HEADER_BYTES:
+        raise PageCorrupt("truncated", f"{f.rel}: {n} bytes, shorter than a header")
+    header = unpack_header(header_buf.view(HEADER_BYTES))
+    verify(header, key, f.size)
+    return DiskEntry(
+        header.file_bytes, header.payload_len, header.payload_crc, header.codec, header.position
+    )
+
+
+def manifest_entries(
+    index: Iterator[tuple[BlockKey, DiskEntry]], tier: str = "disk"
+) -> Iterator[ManifestEntry]:
+    for key, entry in index:
+        yield ManifestEntry(
+            key=key.hex,
+            tier=tier,
+            file=relative_page_path(key),
+            length=entry.payload_len,
+            checksum=f"crc32:{entry.checksum:08x}",
+            codec=entry.codec,
+            position=entry.position,
+            file_bytes=entry.file_bytes,
+        )

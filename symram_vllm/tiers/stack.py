@@ -1,0 +1,437 @@
+"""TierStack: host DRAM over NVMe, driven by the placement/eviction policy.
+
+The stack is inclusive: a page promoted from disk to DRAM stays on disk, so a
+later DRAM eviction of it costs nothing. What reaches disk depends on the policy:
+
+* ``write_back``: a page evicted from DRAM is written to disk, if the cost model
+  says a disk hit beats recomputing it;
+* ``write_through_selective``: a page is copied to disk once it has N hits (N = 0:
+  at save); cold pages evicted from DRAM are dropped.
+
+Eviction in either tier follows ``EvictionPolicy`` (recency x salience x recompute
+cost). DRAM evictions run under the DRAM lock, so they hand pages to the disk
+queue without blocking (``block=False``); the back-pressure happens earlier, in
+``reserve``, where a saver waits for disk-queue room while DRAM is full. Reads
+never wait for the write queue.
+
+The zero-copy protocol of ``DramTier`` is kept (reserve/commit/abort,
+acquire/release) so the connector can fill and read DRAM slots in place.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from symram_vllm.keys import BlockKey
+from symram_vllm.policy import BlockLedger, EvictionPolicy, PlacementPolicy, PolicyConfig
+from symram_vllm.snapshot import ManifestEntry, read_manifest, write_manifest
+from symram_vllm.tiers.disk import DiskTier
+from symram_vllm.tiers.disk_layout import relative_page_path
+from symram_vllm.tiers.dram import DramTier, DramTierFull
+
+RemovedCallback = Callable[[BlockKey], None]
+
+_COUNTERS = (
+    "dram_hits", "disk_hits", "misses", "promotions", "promotion_failures",
+    "writebacks", "writeback_dropped", "writeback_skipped_cost", "cold_dropped",
+    "write_through", "put_rejected_full", "put_to_disk_direct", "save_waits",
+    "save_wait_timeouts", "prefetched", "removed",
+)
+
+
+class TierStack:
+    def __init__(
+        self,
+        page_bytes: int,
+        dram_bytes: int,
+        disk: DiskTier | None = None,
+        *,
+        config: PolicyConfig | None = None,
+        pin_memory: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        on_removed: RemovedCallback | None = None,
+    ) -> None:
+        self.config = config or PolicyConfig()
+        self.clock = clock
+        self.ledger = BlockLedger()
+        self.eviction = EvictionPolicy(
+            self.config, self.ledger, clock, fallback_position=self._disk_position
+        )
+        self.placement = PlacementPolicy(self.config)
+        self.on_removed = on_removed
+        self.dram = DramTier(
+            page_bytes,
+            dram_bytes,
+            pin_memory=pin_memory,
+            on_evict=self._on_dram_evict,
+            clock=clock,
+            victim_chooser=self.eviction.choose_victim,
+            victim_window=self.config.victim_window,
+        )
+        self.disk = disk
+        if disk is not None:
+            disk.on_evict = self._on_disk_evict
+            disk.victim_chooser = self.eviction.choose_victim
+        self._lock = threading.Lock()
+        self._reserved: dict[BlockKey, torch.Tensor] = {}
+        self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self._prefetcher = ThreadPoolExecutor(self.config.prefetch_workers, "symram-prefetch")
+
+    @property
+    def page_bytes(self) -> int:
+        return self.dram.page_bytes
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[name] += n
+
+    # -- lookups -------------------------------------------------------------------------
+    def contains(self, key: BlockKey) -> bool:
+        return self.dram.exists(key) or (self.disk is not None and self.disk.exists(key))
+
+    def where(self, key: BlockKey) -> str | None:
+        if self.dram.exists(key):
+            return "dram"
+        if self.disk is not None and self.disk.exists(key):
+            return "disk"
+        return None
+
+    # -- write path ----------------------------------------------------------------------
+    def reserve(
+        self, key: BlockKey, position: int = 0, parent: BlockKey | None = None
+    ) -> torch.Tensor | None:
+        """A DRAM slot to fill for `key` (then `commit` or `abort`); None if the key is
+        already held or nothing can be evicted. `position` is the block's index in
+        its prefix (its recompute cost); `parent` the block before it in the chain
+        (keeps heads of cached chains from being evicted before their tails)."""
+        if self.contains(key):
+            return None
+        self._wait_for_disk_room()
+        try:
+            slot = self.dram.reserve(key)
+        except DramTierFull:
+            self._count("put_rejected_full")
+            return None
+        if slot is not None:
+            self.ledger.touch(key, self.clock(), position, parent)
+            with self._lock:
+                self._reserved[key] = slot
+        return slot
+
+    def commit(self, key: BlockKey) -> None:
+        with self._lock:
+            slot = self._reserved.pop(key)
+        meta = self.ledger.touch(key, self.clock())
+        if self.disk is not None and self.placement.write_through_due(meta.hits):
+            # The slot is still reserved, hence not evictable, while set_async copies it.
+            self._write_through(key, slot, meta.position)
+        self.dram.commit(key)
+
+    def abort(self, key: BlockKey) -> None:
+        with self._lock:
+            self._reserved.pop(key, None)
+        self.dram.abort(key)
+        if not self.contains(key):
+            self.ledger.forget(key)
+
+    def put(
+        self,
+        key: BlockKey,
+        page: torch.Tensor,
+        position: int = 0,
+        parent: BlockKey | None = None,
+    ) -> bool:
+        """Store a page (copied). True if the stack holds it afterwards."""
+        if self.contains(key):
+            return True
+        slot = self.reserve(key, position, parent)
+        if slot is None:
+            if self.contains(key):
+                return True
+            return self._put_disk_only(key, page, position, parent)
+        try:
+            slot.copy_(page.reshape(-1))
+        except BaseException:
+            self.abort(key)
+            raise
+        self.commit(key)
+        return True
+
+    def _put_disk_only(
+        self, key: BlockKey, page: torch.Tensor, position: int, parent: BlockKey | None
+    ) -> bool:
+        """DRAM is full of pinned pages: place the page on disk if it is worth it."""
+        if self.disk is None or not self.placement.worth_storing("disk", page.numel(), position):
+            return False
+        self._count("put_to_disk_direct")
+        stored = self.disk.set(key, page, position=position)
+        if stored:
+            self.ledger.touch(key, self.clock(), position, parent)
+        return stored
+
+    def _wait_for_disk_room(self) -> None:
+        """Back-pressure: with DRAM full, the saver (not the DRAM lock) waits for disk."""
+        if (
+            self.disk is None
+            or self.config.write_policy != "write_back"
+            or self.dram.free_slots() > 0
+        ):
+            return
+        self._count("save_waits")
+        if not self.disk.wait_for_room(self.config.save_wait_s):
+            self._count("save_wait_timeouts")
+
+    def _write_through(self, key: BlockKey, page: torch.Tensor, position: int) -> None:
+        assert self.disk is not None
+        if self.disk.exists(key):
+            return
+        fut = self.disk.set_async(key, page, position=position, block=False)
+        self._count("write_through")
+        if fut.done() and not fut.result():
+            self._count("writeback_dropped")
+
+    # -- eviction hooks --------------------------------------------------------------------
+    def _on_dram_evict(self, key: BlockKey, page: torch.Tensor) -> None:
+        # Runs under the DRAM lock: never block here.
+        disk = self.disk
+        if disk is not None and disk.exists(key):
+            return  # inclusive hierarchy: the disk copy remains
+        meta = self.ledger.get(key)
+        position = meta.position if meta else 0
+        if disk is None or self.config.write_policy != "write_back":
+            self._count("cold_dropped")
+        elif not self.placement.worth_storing("disk", page.numel(), position):
+            self._count("writeback_skipped_cost")
+        else:
+            fut = disk.set_async(key, page, position=position, block=False)
+            if not (fut.done() and not fut.result()):
+                self._count("writebacks")
+                fut.add_done_callback(lambda f: f.result() or self._lost(key))
+                return
+            self._count("writeback_dropped")
+        self._removed(key)
+
+    def _on_disk_evict(self, key: BlockKey) -> None:
+        if not self.dram.exists(key):
+            self._removed(key)
+
+    def _lost(self, key: BlockKey) -> None:
+        self._count("writeback_dropped")
+        if not self.contains(key):
+            self._removed(key)
+
+    def _removed(self, key: BlockKey) -> None:
+        self.ledger.forget(key)
+        self._count("removed")
+        if self.on_removed is not None:
+            self.on_removed(key)
+
+    def _disk_position(self, key: BlockKey) -> int:
+        entry = self.disk.entry(key) if self.disk is not None else None
+        return entry.position if entry is not None else 0
+
+    # -- read path -----------------------------------------------------------------------
+    def acquire(self, key: BlockKey) -> torch.Tensor | None:
+        """A DRAM view of the page (promoted from disk if needed), held until
+        `release`; None on a miss or when the page cannot be brought into DRAM."""
+        view = self._dram_view(key)
+        if view is None:
+            self._count("misses")
+        return view
+
+    def release(self, key: BlockKey) -> None:
+        self.dram.release(key)
+
+    def get(self, key: BlockKey, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        view = self._dram_view(key)
+        if view is not None:
+            try:
+                if out is None:
+                    return view.clone()
+                out.copy_(view)
+                return out
+            finally:
+                self.release(key)
+        # Not promotable (odd size, DRAM pinned full, promotion off): serve from disk.
+        page = self.disk.get(key, out) if self.disk is not None else None
+        if page is None:
+            self._count("misses")
+        else:
+            self._hit(key, "disk", page)
+        return page
+
+    def _dram_view(self, key: BlockKey) -> torch.Tensor | None:
+        view = self.dram.acquire(key)
+        if view is not None:
+            self._hit(key, "dram", view)
+            return view
+        if self._promote(key):
+            view = self.dram.acquire(key)
+            if view is not None:
+                self._hit(key, "disk", view)
+        return view
+
+    def _hit(self, key: BlockKey, tier: str, page: torch.Tensor) -> None:
+        self._count(f"{tier}_hits")
+        meta = self.ledger.hit(key, self.clock())
+        if self.disk is not None and self.placement.write_through_due(meta.hits):
+            self._write_through(key, page, meta.position)
+
+    def _promote(self, key: BlockKey) -> bool:
+        """Copy a disk page into a DRAM slot. True if the key is in DRAM afterwards."""
+        if self.disk is None or not self.config.promote_on_hit:
+            return False
+        entry = self.disk.entry(key)
+        if entry is None or entry.payload_len != self.dram.page_bytes:
+            return False
+        try:
+            slot = self.dram.reserve(key)
+        except DramTierFull:
+            self._count("promotion_failures")
+            return False
+        if slot is None:
+            return self.dram.exists(key)  # promoted concurrently
+        if self.disk.get(key, out=slot) is None:
+            self.dram.abort(key)
+            self._count("promotion_failures")
+            return False
+        self.ledger.touch(key, self.clock(), entry.position)
+        self.dram.commit(key)
+        self._count("promotions")
+        return True
+
+    # -- management ----------------------------------------------------------------------
+    def pin(self, key: BlockKey, ttl_s: float | None = None) -> bool:
+        """Keep `key` resident (in DRAM if it fits there, and on disk) for `ttl_s`."""
+        if not self.dram.exists(key):
+            self._promote(key)
+        pinned = self.dram.pin(key, ttl_s)
+        if self.disk is not None:
+            pinned = self.disk.pin(key, ttl_s) or pinned
+        return pinned
+
+    def unpin(self, key: BlockKey) -> None:
+        self.dram.unpin(key)
+        if self.disk is not None:
+            self.disk.unpin(key)
+
+    def evict(self, key: BlockKey) -> bool:
+        removed = self.dram.delete(key)
+        if self.disk is not None:
+            removed = self.disk.delete(key) or removed
+        if removed:
+            self._removed(key)
+        return removed
+
+    def prefetch(self, keys: Iterable[BlockKey]) -> Future[int]:
+        """Promote `keys` from disk to DRAM ahead of need, in parallel on the prefetch
+        pool (reads of several pages overlap one page's I/O with another's checksum).
+        The future resolves to how many of `keys` are DRAM-resident afterwards."""
+        wanted = list(dict.fromkeys(keys))
+        result: Future[int] = Future()
+        if not wanted:
+            result.set_result(0)
+            return result
+        lock = threading.Lock()
+        tally = {"left": len(wanted), "resident": 0}
+
+        def bring_up(key: BlockKey) -> bool:
+            if self.dram.exists(key):
+                return True
+            promoted = self._promote(key)
+            if promoted:
+                self._count("prefetched")
+            return promoted
+
+        def finished(fut: Future[bool]) -> None:
+            ok = fut.exception() is None and fut.result()
+            with lock:
+                tally["left"] -= 1
+                tally["resident"] += int(ok)
+                last = tally["left"] == 0
+            if last:
+                result.set_result(tally["resident"])
+
+        for key in wanted:
+            self._prefetcher.submit(bring_up, key).add_done_callback(finished)
+        return result
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Copy every DRAM page that is not on disk yet to disk, and wait for it."""
+        if self.disk is None:
+            return
+        for key in list(self.dram.keys()):
+            view = self.dram.acquire(key)  # counts a DRAM hit: flushes are rare
+            if view is None:
+                continue
+            try:
+                meta = self.ledger.get(key)
+                self.disk.set_async(key, view, position=meta.position if meta else 0)
+            finally:
+                self.dram.release(key)
+        self.disk.flush(timeout)
+
+    # -- warm restart ----------------------------------------------------------------------
+    def snapshot(self, path: str | Path, *, secret: bytes | None = None) -> Path:
+        """Flush DRAM to disk and write a hash-chained manifest of what each tier holds
+        (tier "dram" = resident in DRAM as well as on disk)."""
+        if self.disk is None:
+            raise ValueError("a snapshot needs a disk tier to hold the pages")
+        self.flush()
+        entries = (
+            ManifestEntry(
+                key=key.hex,
+                tier="dram" if self.dram.exists(key) else "disk",
+                file=relative_page_path(key),
+                length=entry.payload_len,
+                checksum=f"crc32:{entry.checksum:08x}",
+                codec=entry.codec,
+                position=entry.position,
+                file_bytes=entry.file_bytes,
+            )
+            for key, entry in self.disk.index_snapshot()
+        )
+        path = Path(path)
+        write_manifest(path, entries, meta={"kind": "tier-stack"}, secret=secret)
+        return path
+
+    def restore(self, path: str | Path, *, secret: bytes | None = None) -> int:
+        """Verify a snapshot (raises ``ManifestError`` on a broken chain) and promote
+        the pages it lists as DRAM-resident. Returns how many were promoted."""
+        manifest = read_manifest(path, secret=secret)
+        promoted = 0
+        for item in manifest.entries:
+            key = BlockKey.from_hex(item.key)
+            entry = self.disk.entry(key) if self.disk is not None else None
+            if entry is None or f"crc32:{entry.checksum:08x}" != item.checksum:
+                continue  # gone or rewritten since the snapshot
+            self.ledger.touch(key, self.clock(), item.position)
+            if item.tier == "dram" and self._promote(key):
+                promoted += 1
+        return promoted
+
+    # -- reporting -----------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        with self._lock:
+            out = {f"stack_{k}": float(v) for k, v in self.counters.items()}
+        dram = self.dram.stats()
+        out.update({f"dram_{k}": float(v) for k, v in dram.as_dict().items()})
+        out["dram_holding_cost"] = self.placement.holding_cost("dram", dram.bytes_used)
+        if self.disk is not None:
+            disk = self.disk.stats()
+            out.update({f"disk_{k}": float(v) for k, v in disk.as_dict().items()})
+            out["disk_holding_cost"] = self.placement.holding_cost("disk", disk.bytes_used)
+        out["stack_tracked_keys"] = float(len(self.ledger))
+        return out
+
+    def close(self) -> None:
+        self._prefetcher.shutdown(wait=True)
+        if self.disk is not None:
+            self.disk.close()
+        self.dram.close()
