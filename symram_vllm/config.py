@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from symram_vllm.policy import PolicyConfig
+from symram_vllm.tiers.disk import DiskTierConfig
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -59,7 +62,10 @@ def parse_bytes(value: Any) -> int:
 
 
 class SymramConfig(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SYMRAM_", extra="forbid")
+    # Nested fields from the environment: SYMRAM_POLICY__WRITE_POLICY=write_through_selective
+    model_config = SettingsConfigDict(
+        env_prefix="SYMRAM_", extra="forbid", env_nested_delimiter="__"
+    )
 
     dram_bytes: int = Field(
         default=4 * 1024**3, description="Host-DRAM tier budget (bytes or '4GiB')."
@@ -82,8 +88,39 @@ class SymramConfig(BaseSettings):
         default=None, description="Write a JSON stats snapshot here (for `symram stats`)."
     )
     instance_id: str = Field(default="", description="Name of this engine in shared tiers.")
+    codec: Literal["none", "int8", "fp8"] = Field(
+        default="none",
+        description="How pages are stored: none (exact), int8 or fp8 (half the bytes, "
+        "quantized with per-token scales on the way out).",
+    )
+    disk_path: Path | None = Field(
+        default=None,
+        description="NVMe tier directory (one subdirectory per model signature and rank); "
+        "unset = DRAM only.",
+    )
+    disk_bytes: int = Field(default=16 * 1024**3, description="NVMe tier budget per rank.")
+    disk: DiskTierConfig = Field(default_factory=DiskTierConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    flush_on_exit_s: float = Field(
+        default=20.0,
+        ge=0,
+        description="On shutdown, copy DRAM pages to the disk tier for up to this long "
+        "(warm restart).",
+    )
+    control_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Control endpoint (lookup/prefetch/stats) for the gateway; rank r "
+        "listens on control_port + r. 0 = off.",
+    )
+    control_host: str = Field(default="127.0.0.1", description="Control endpoint bind address.")
+    directory_url: str | None = Field(
+        default=None,
+        description="Shared block directory, e.g. redis://host:6379/0; unset = in-process.",
+    )
 
-    @field_validator("dram_bytes", mode="before")
+    @field_validator("dram_bytes", "disk_bytes", mode="before")
     @classmethod
     def _bytes(cls, value: Any) -> int:
         return parse_bytes(value)

@@ -84,6 +84,11 @@ class KVLayout:
         )
         self.device = first.device
 
+    @property
+    def caches(self) -> list[torch.Tensor]:
+        """Every layer's [B, H, N, C] cache, in page order (what codecs encode from)."""
+        return list(self._caches)
+
     def page_views(self, page: torch.Tensor) -> list[torch.Tensor]:
         """Typed per-layer views into a flat uint8 page (no copy)."""
         if page.numel() != self.page_bytes:

@@ -115,6 +115,13 @@ class PolicyConfig(BaseModel):
         16, ge=1, description="Oldest evictable pages scored per eviction (sampled)."
     )
     prefetch_workers: int = Field(2, ge=1, le=16, description="Parallel disk->DRAM promotions.")
+    background_writeback_s: float = Field(
+        1.0,
+        ge=0,
+        description="With write_back, copy DRAM-only pages to disk in the background every "
+        "this many seconds, while the disk is otherwise idle, so a crash or a fast "
+        "shutdown loses little. 0 = only on eviction and at shutdown.",
+    )
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """TieredStore: the worker-side home of KV pages (put / get / contains / pin / evict).
 
-It owns the tiers and reports what it gained and lost as *events* (chain keys
-stored / removed), which the connector forwards to the scheduler-side directory.
-It knows keys and bytes, not vLLM.
+It owns the tier stack (DRAM over an optional NVMe tier) and reports what it gained
+and lost as *events* (chain keys stored / removed from every tier), which the
+connector forwards to the scheduler-side directory. It knows keys and bytes, not vLLM.
 """
 
 from __future__ import annotations
@@ -10,12 +10,17 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from symram_vllm.keys import BlockKey
-from symram_vllm.tiers.dram import DramTier, DramTierFull
+from symram_vllm.policy import PolicyConfig
+from symram_vllm.tiers.disk import DiskTier
+from symram_vllm.tiers.dram import DramTier
+from symram_vllm.tiers.stack import TierStack
 
 
 @dataclass
@@ -47,9 +52,24 @@ class LatencyWindow:
 
 
 class TieredStore:
-    def __init__(self, page_bytes: int, dram_bytes: int, *, pin_memory: bool | None = None) -> None:
+    def __init__(
+        self,
+        page_bytes: int,
+        dram_bytes: int,
+        *,
+        disk: DiskTier | None = None,
+        policy: PolicyConfig | None = None,
+        pin_memory: bool | None = None,
+    ) -> None:
         self.page_bytes = page_bytes
-        self.dram = DramTier(page_bytes, dram_bytes, pin_memory=pin_memory, on_evict=self._evicted)
+        self.stack = TierStack(
+            page_bytes,
+            dram_bytes,
+            disk,
+            config=policy,
+            pin_memory=pin_memory,
+            on_removed=self._removed,
+        )
         self._events = StoreEvents()
         self._lock = threading.Lock()
         self.counters: dict[str, int] = {
@@ -62,8 +82,17 @@ class TieredStore:
         self.get_latency = LatencyWindow()
         self.put_latency = LatencyWindow()
 
+    @property
+    def dram(self) -> DramTier:
+        return self.stack.dram
+
+    @property
+    def disk(self) -> DiskTier | None:
+        return self.stack.disk
+
     # -- events --------------------------------------------------------------------------
-    def _evicted(self, key: BlockKey, _page: torch.Tensor) -> None:
+    def _removed(self, key: BlockKey) -> None:
+        # The stack calls this when a key has left every tier.
         with self._lock:
             self._events.removed.append(key.chain)
 
@@ -78,35 +107,39 @@ class TieredStore:
 
     # -- write path ----------------------------------------------------------------------
     def contains(self, key: BlockKey) -> bool:
-        return self.dram.exists(key)
+        return self.stack.contains(key)
 
-    def reserve(self, key: BlockKey) -> torch.Tensor | None:
-        """A slot to fill for `key`; None if it is already stored or there is no room."""
-        try:
-            slot = self.dram.reserve(key)
-        except DramTierFull:
-            self._count("put_rejected_full")
-            return None
-        if slot is None:
+    def where(self, key: BlockKey) -> str | None:
+        return self.stack.where(key)
+
+    def reserve(
+        self, key: BlockKey, position: int = 0, parent: BlockKey | None = None
+    ) -> torch.Tensor | None:
+        """A DRAM slot to fill for `key`; None if it is already stored or there is no room."""
+        if self.stack.contains(key):
             self._count("put_skipped_present")
+            return None
+        slot = self.stack.reserve(key, position, parent)
+        if slot is None:
+            self._count("put_skipped_present" if self.stack.contains(key) else "put_rejected_full")
         return slot
 
     def commit(self, key: BlockKey) -> None:
-        self.dram.commit(key)
+        self.stack.commit(key)
         with self._lock:
             self.counters["put_pages"] += 1
             self._events.stored.append(key.chain)
 
     def abort(self, key: BlockKey) -> None:
-        self.dram.abort(key)
+        self.stack.abort(key)
 
-    def put(self, key: BlockKey, page: torch.Tensor) -> bool:
+    def put(self, key: BlockKey, page: torch.Tensor, position: int = 0) -> bool:
         start = time.perf_counter()
-        slot = self.reserve(key)
+        slot = self.reserve(key, position)
         if slot is None:
             return self.contains(key)
         try:
-            slot.copy_(page)
+            slot.copy_(page.reshape(-1))
         except BaseException:
             self.abort(key)
             raise
@@ -116,16 +149,18 @@ class TieredStore:
 
     # -- read path -----------------------------------------------------------------------
     def acquire(self, key: BlockKey) -> torch.Tensor | None:
-        """A read view of the page, held until `release`; None on a miss."""
-        view = self.dram.acquire(key)
+        """A DRAM view of the page (promoted from disk on a disk hit), held until
+        `release`; None on a miss."""
+        start = time.perf_counter()
+        view = self.stack.acquire(key)
         self._count("get_hits" if view is not None else "get_misses")
+        self.get_latency.add(time.perf_counter() - start)
         return view
 
     def release(self, key: BlockKey) -> None:
-        self.dram.release(key)
+        self.stack.release(key)
 
     def get(self, key: BlockKey, out: torch.Tensor | None = None) -> torch.Tensor | None:
-        start = time.perf_counter()
         view = self.acquire(key)
         if view is None:
             return None
@@ -136,37 +171,35 @@ class TieredStore:
             return out
         finally:
             self.release(key)
-            self.get_latency.add(time.perf_counter() - start)
 
     # -- management ----------------------------------------------------------------------
     def pin(self, key: BlockKey, ttl_s: float | None = None) -> bool:
-        return self.dram.pin(key, ttl_s)
+        return self.stack.pin(key, ttl_s)
 
     def unpin(self, key: BlockKey) -> None:
-        self.dram.unpin(key)
+        self.stack.unpin(key)
 
     def evict(self, key: BlockKey) -> bool:
-        removed = self.dram.delete(key)
-        if removed:
-            with self._lock:
-                self._events.removed.append(key.chain)
-        return removed
+        return self.stack.evict(key)
 
-    def prefetch(self, keys: Iterable[BlockKey]) -> int:
-        """Promote `keys` toward DRAM ahead of need; returns how many are DRAM-resident.
+    def prefetch(self, keys: Iterable[BlockKey]) -> Future[int]:
+        """Promote `keys` from disk to DRAM ahead of need; the future resolves to how
+        many of them are DRAM-resident afterwards."""
+        return self.stack.prefetch(keys)
 
-        With DRAM as the only tier this only counts; lower tiers promote here.
-        """
-        return sum(1 for key in keys if self.dram.exists(key))
+    def flush(self, timeout: float | None = None) -> None:
+        self.stack.flush(timeout)
+
+    def snapshot(self, path: str | Path) -> Path:
+        return self.stack.snapshot(path)
 
     def stats(self) -> dict[str, float]:
-        dram = self.dram.stats()
+        out = self.stack.stats()
         with self._lock:
-            out: dict[str, float] = {f"store_{k}": float(v) for k, v in self.counters.items()}
-        out.update({f"dram_{k}": float(v) for k, v in dram.as_dict().items()})
+            out.update({f"store_{k}": float(v) for k, v in self.counters.items()})
         out["get_p50_s"] = self.get_latency.quantile(0.5)
         out["get_p95_s"] = self.get_latency.quantile(0.95)
         return out
 
     def close(self) -> None:
-        self.dram.close()
+        self.stack.close()

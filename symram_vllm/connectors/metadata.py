@@ -21,6 +21,11 @@ class BlockJob:
     req_id: str
     block_ids: list[int]
     keys: list[bytes]
+    # Index of each block in its request's prefix (its recompute cost for eviction).
+    positions: list[int] = field(default_factory=list)
+
+    def position(self, index: int) -> int:
+        return self.positions[index] if index < len(self.positions) else 0
 
 
 @dataclass

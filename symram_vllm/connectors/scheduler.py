@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from symram_vllm.connectors.metadata import BlockJob, SymramConnectorMetadata, SymramWorkerMetadata
 from symram_vllm.directory import Directory, EmbeddedDirectory
 from symram_vllm.keys import chain_keys
+from symram_vllm.tiers.disk_layout import rank_directory, stored_keys
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
@@ -55,6 +56,23 @@ class SchedulerSide:
         self._saving: set[bytes] = set()
         self.lookups = 0
         self.hit_tokens = 0
+
+    def seed_from_disk(self, tp_size: int) -> int:
+        """Warm restart: blocks already on every rank's disk tier count as held.
+
+        Workers report what they store only once steps run; without this the first
+        requests after a restart would all miss. Names only, no reads: a page that
+        turns out corrupt is a load error, which vLLM recomputes."""
+        if self.config.disk_path is None:
+            return 0
+        held: set[bytes] | None = None
+        for rank in range(tp_size):
+            root = rank_directory(self.config.disk_path, self.signature_digest, rank)
+            keys = {key.chain for key in stored_keys(root) if key.rank == rank}
+            held = keys if held is None else held & keys
+        if held:
+            self.directory.add(held, "disk")
+        return len(held or ())
 
     # -- keys ----------------------------------------------------------------------------
     def _state(self, request: Request) -> RequestState:
@@ -102,7 +120,9 @@ class SchedulerSide:
                 f"symram: request {request.request_id} expected {count} blocks to load from "
                 f"block {start}, got {len(block_ids)} block ids and {len(keys)} keys"
             )
-        self._pending_loads.append(BlockJob(request.request_id, list(block_ids), keys))
+        self._pending_loads.append(
+            BlockJob(request.request_id, list(block_ids), keys, list(range(start, start + count)))
+        )
         state.has_jobs = True
         # Loaded blocks are already in the store: never save them back.
         state.save_cursor = max(state.save_cursor, start + count)
@@ -150,6 +170,7 @@ class SchedulerSide:
             self._saving.add(key)
             job.block_ids.append(block_ids[index])
             job.keys.append(key)
+            job.positions.append(index)
         state.save_cursor = full_blocks
         if not job.keys:
             return None

@@ -88,7 +88,7 @@ def _read_config(vllm_config: VllmConfig) -> SymramConfig:
 
 
 def build_signature(
-    vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, hash_algo: str
+    vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, hash_algo: str, codec: str = "none"
 ) -> tuple[ModelSignature, tuple[int, ...]]:
     groups = kv_cache_config.kv_cache_groups
     if len(groups) != 1:
@@ -110,7 +110,7 @@ def build_signature(
             f"{vllm_config.device_config.device_type}"
         ),
         tp_size=parallel.tensor_parallel_size * parallel.pipeline_parallel_size,
-        codec="none",
+        codec=codec,
         hash_algo=hash_algo,
         num_layers=len(groups[0].layer_names),
     )
@@ -136,7 +136,9 @@ class SymramConnector(KVConnectorBase_V1):
                 "--no-enable-prefix-caching to use it"
             )
         hash_algo = ensure_reproducible_hashes(vllm_config)
-        signature, block_elems = build_signature(vllm_config, kv_cache_config, hash_algo)
+        signature, block_elems = build_signature(
+            vllm_config, kv_cache_config, hash_algo, self.config.codec
+        )
         self.signature = signature
         self.block_size = signature.block_size
         self._scheduler: SchedulerSide | None = None
@@ -150,15 +152,28 @@ class SymramConnector(KVConnectorBase_V1):
                 # A page that cannot be loaded must cost a recompute, never a request.
                 transfer.kv_load_failure_policy = "recompute"
             self._scheduler = SchedulerSide(signature.digest(), self.block_size, self.config)
+            seeded = self._scheduler.seed_from_disk(signature.tp_size)
             logger.info(
-                "symram scheduler: signature %s (%s), DRAM budget %d bytes",
+                "symram scheduler: signature %s (%s), codec %s, DRAM budget %d bytes, disk %s "
+                "(%d blocks found)",
                 signature.short(),
                 signature.kv_layout,
+                self.config.codec,
                 self.config.dram_bytes,
+                self.config.disk_path or "off",
+                seeded,
             )
         else:
             rank = vllm_config.parallel_config.rank
-            self._worker = WorkerSide(self.config, rank)
+            info: dict[str, object] = {
+                "instance_id": self.config.instance_id,
+                "signature_digest": signature.digest().hex(),
+                "block_size": self.block_size,
+                "tp_size": signature.tp_size,
+                "codec": self.config.codec,
+                "model": signature.model,
+            }
+            self._worker = WorkerSide(self.config, rank, namespace=signature.digest(), info=info)
             self._expected_block_elems = block_elems
             self._expected_blocks = kv_cache_config.num_blocks
 

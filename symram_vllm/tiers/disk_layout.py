@@ -182,3 +182,19 @@ def manifest_entries(
             position=entry.position,
             file_bytes=entry.file_bytes,
         )
+
+
+def rank_directory(base: Path, namespace: bytes, rank: int) -> Path:
+    """One disk tier per model signature and rank: ranks never share a directory (each
+    holds its own lock), and pages of another model or codec are never in the way."""
+    return Path(base) / namespace.hex()[:16] / f"rank{rank}"
+
+
+def stored_keys(root: Path) -> list[BlockKey]:
+    """Keys whose page files exist under a disk tier root, by name only (no reads).
+
+    For a process that must not open the tier (it is locked by its owner) but wants to
+    know what it holds, e.g. the scheduler at start-up. A page that later fails its
+    checksum is a miss for the owner, which then reports the failure."""
+    found, _temps, _foreign = walk_pages(Path(root) / "pages")
+    return [key for f in found if (key := key_from_name(f.path.name)) is not None]

@@ -20,6 +20,7 @@ acquire/release) so the connector can fill and read DRAM slots in place.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -35,13 +36,15 @@ from symram_vllm.tiers.disk import DiskTier
 from symram_vllm.tiers.disk_layout import relative_page_path
 from symram_vllm.tiers.dram import DramTier, DramTierFull
 
+logger = logging.getLogger(__name__)
+
 RemovedCallback = Callable[[BlockKey], None]
 
 _COUNTERS = (
     "dram_hits", "disk_hits", "misses", "promotions", "promotion_failures",
     "writebacks", "writeback_dropped", "writeback_skipped_cost", "cold_dropped",
     "write_through", "put_rejected_full", "put_to_disk_direct", "save_waits",
-    "save_wait_timeouts", "prefetched", "removed",
+    "save_wait_timeouts", "prefetched", "removed", "background_writebacks",
 )
 
 
@@ -82,6 +85,17 @@ class TierStack:
         self._reserved: dict[BlockKey, torch.Tensor] = {}
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self._prefetcher = ThreadPoolExecutor(self.config.prefetch_workers, "symram-prefetch")
+        self._stop = threading.Event()
+        self._cleaner: threading.Thread | None = None
+        if (
+            disk is not None
+            and self.config.write_policy == "write_back"
+            and self.config.background_writeback_s > 0
+        ):
+            self._cleaner = threading.Thread(
+                target=self._clean_loop, name="symram-writeback", daemon=True
+            )
+            self._cleaner.start()
 
     @property
     def page_bytes(self) -> int:
@@ -362,6 +376,46 @@ class TierStack:
             self._prefetcher.submit(bring_up, key).add_done_callback(finished)
         return result
 
+    def _clean_loop(self) -> None:
+        while not self._stop.wait(self.config.background_writeback_s):
+            try:
+                self.write_back_idle()
+            except Exception:  # the cleaner must outlive one bad page
+                logger.exception("symram background write-back failed")
+
+    def write_back_idle(self, limit: int | None = None) -> int:
+        """Copy DRAM-only pages to disk while the disk has nothing else to write
+        (oldest first, one write at a time, each waited for, so saves and evictions
+        always find the queue free). Returns how many were written."""
+        disk = self.disk
+        if disk is None:
+            return 0
+        queued = 0
+        for key in list(self.dram.keys()):
+            if self._stop.is_set() or (limit is not None and queued >= limit):
+                break
+            if disk.exists(key):
+                continue
+            if not disk.write_queue_idle():
+                break  # saves and evictions come first
+            view = self.dram.acquire(key)
+            if view is None:
+                continue
+            try:
+                meta = self.ledger.get(key)
+                # The page is copied into a staging buffer before set_async returns.
+                written = disk.set_async(
+                    key, view, position=meta.position if meta else 0, block=False
+                )
+            finally:
+                self.dram.release(key)
+            if not written.result():
+                break  # queue taken meanwhile, or the disk refused: try next round
+            queued += 1
+        if queued:
+            self._count("background_writebacks", queued)
+        return queued
+
     def flush(self, timeout: float | None = None) -> None:
         """Copy every DRAM page that is not on disk yet to disk, and wait for it."""
         if self.disk is None:
@@ -431,6 +485,9 @@ class TierStack:
         return out
 
     def close(self) -> None:
+        self._stop.set()
+        if self._cleaner is not None:
+            self._cleaner.join(timeout=10)
         self._prefetcher.shutdown(wait=True)
         if self.disk is not None:
             self.disk.close()
