@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dry-run", action="store_true", help="print the vLLM command only")
     serve.set_defaults(func=_cmd_serve)
 
+    from symram_vllm.snapshot_cli import add_commands as add_snapshot_commands
+
+    add_snapshot_commands(sub)
+
     doctor = sub.add_parser("doctor", help="show capabilities (CUDA, pinned memory, kvikio)")
     doctor.set_defaults(func=_cmd_doctor)
     return parser
