@@ -19,9 +19,11 @@ class FakeRequest:
     request_id: str
     num_prompt_tokens: int
     block_hashes: list = field(default_factory=list)
+    lora_request: None = None
 
     def __post_init__(self):
         self.num_tokens = self.num_prompt_tokens
+        self.all_token_ids = list(range(self.num_prompt_tokens))
         # vLLM hashes full blocks only; chain the block index into the fake hash.
         self.block_hashes = [
             (self.request_id.split("-")[0] + str(i)).encode().ljust(32, b".")
@@ -106,8 +108,18 @@ def test_removed_keys_stop_matching_and_inflight_saves_are_not_duplicated():
     side.update_connector_output(SymramWorkerMetadata(stored=keys, processed=keys))
     probe = FakeRequest("a-7", 2 * BS + 1)
     assert side.get_num_new_matched_tokens(probe, 0) == (2 * BS, True)
+    from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash as external
+
+    stored = side.events.take()
+    # vLLM KV events, keyed by vLLM's own block hashes, chained by parent hash.
+    h0, h1 = (external(h) for h in r1.block_hashes)
+    assert [e.block_hashes for e in stored] == [[h0], [h1]]
+    assert stored[1].parent_block_hash == h0
+    assert stored[1].token_ids == list(range(BS, 2 * BS)) and stored[0].medium == "CPU"
     side.update_connector_output(SymramWorkerMetadata(removed=keys[1:]))
     assert side.get_num_new_matched_tokens(probe, 0) == (BS, True)
+    removed = side.events.take()
+    assert len(removed) == 1 and removed[0].block_hashes == [h1]
 
 
 def test_tp_aggregation_requires_every_rank():

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from symram_vllm.connectors.kv_events import TierEventLog
 from symram_vllm.connectors.metadata import BlockJob, SymramConnectorMetadata, SymramWorkerMetadata
 from symram_vllm.directory import Directory, EmbeddedDirectory
 from symram_vllm.keys import chain_keys
@@ -56,6 +57,7 @@ class SchedulerSide:
         self._saving: set[bytes] = set()
         self.lookups = 0
         self.hit_tokens = 0
+        self.events = TierEventLog(block_size)
 
     def seed_from_disk(self, tp_size: int) -> int:
         """Warm restart: blocks already on every rank's disk tier count as held.
@@ -171,6 +173,7 @@ class SchedulerSide:
             job.block_ids.append(block_ids[index])
             job.keys.append(key)
             job.positions.append(index)
+            self.events.saving(key, request, index)
         state.save_cursor = full_blocks
         if not job.keys:
             return None
@@ -183,8 +186,12 @@ class SchedulerSide:
         self._saving.difference_update(worker_meta.processed)
         if worker_meta.removed:
             self.directory.remove(worker_meta.removed)
+            self.events.removed(worker_meta.removed)
         if worker_meta.stored:
             self.directory.add(worker_meta.stored, "dram")
+            self.events.stored(worker_meta.stored)
+        stored = set(worker_meta.stored)
+        self.events.dropped([k for k in worker_meta.processed if k not in stored])
 
     def request_finished(self, request: Request) -> bool:
         """True when workers may still be copying this request's blocks."""

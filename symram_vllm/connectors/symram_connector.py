@@ -27,7 +27,10 @@ from symram_vllm.connectors.worker import WorkerSide
 from symram_vllm.keys import ModelSignature
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
         KVConnectorPromMetrics,
         KVConnectorStats,
@@ -288,6 +291,10 @@ class SymramConnector(KVConnectorBase_V1):
     ) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
         return self._scheduler.request_finished(request), None
+
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        # symram's tiers in vLLM's KV event stream (--kv-events-config publishes it).
+        return self._scheduler.events.take() if self._scheduler is not None else ()
 
     # ------------------------------------------------------------------- metrics
     @classmethod
