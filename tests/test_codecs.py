@@ -13,6 +13,7 @@ from symram_vllm.codecs import (
     ChainCodec,
     CodecPolicy,
     CorruptPageError,
+    FixedSizeCodec,
     Fp8Codec,
     Int8Codec,
     NoneCodec,
@@ -298,18 +299,27 @@ def test_meta_reports_measured_error(fmt):
     assert torch.equal(quiet.data, page.data)
 
 
-def test_meta_counts_non_finite_groups():
+@pytest.mark.parametrize("name", ["int8", "fp8", "int8+zstd"])
+def test_meta_counts_non_finite_groups(name):
     kv = caches()
     kv[1][2, 0, 5, 3] = float("nan")
     kv[2][2, 1, 0, 100] = float("inf")
     kv[2][2, 1, 0, 101] = float("-inf")  # same group as the inf above
-    page = get_codec("int8", geometry()).encode(block(kv, 2))
+    codec = get_codec(name, geometry())
+    page = codec.encode(block(kv, 2))
     assert page.meta.nonfinite_groups == 2
     assert page.meta.max_abs_error is not None and page.meta.max_abs_error < 1.0
     out = empty_block()
-    get_codec("int8", geometry()).decode(page.data, out)
-    assert torch.isnan(out[1][0, 5, :HEAD_DIM]).all()
-    assert not torch.isnan(out[1][0, 5, HEAD_DIM:]).any()
+    codec.decode(page.data, out)
+    poisoned = [torch.zeros(HEADS, TOKENS, CONTENT, dtype=torch.bool) for _ in range(LAYERS)]
+    poisoned[1][0, 5, :HEAD_DIM] = True  # K half of token 5, head 0
+    poisoned[2][1, 0, HEAD_DIM:] = True  # V half of token 0, head 1
+    for got, want in zip(out, poisoned, strict=True):
+        assert torch.equal(torch.isnan(got), want), "exactly the poisoned groups are NaN"
+    if isinstance(codec, FixedSizeCodec):  # the batched path counts per page too
+        pages = torch.empty(3, codec.encoded_size(), dtype=torch.uint8)
+        metas = codec.encode_blocks(kv, [2, 0, 1], pages, [0, 1, 2])
+        assert [m.nonfinite_groups for m in metas] == [2, 0, 0]
 
 
 def test_zstd_is_thread_safe():

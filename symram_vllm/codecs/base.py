@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-IndexLike = torch.Tensor | Sequence[int]
+from symram_vllm.kernels.base import IndexLike
+from symram_vllm.kernels.spec import as_index
+
+__all__ = ["IndexLike"]  # re-exported for codec implementations
 
 
 class CorruptPageError(ValueError):
@@ -142,7 +145,6 @@ class Codec(ABC):
         """Encode one block: `layers` are its per-layer [H, N, C] tensors (any strides,
         e.g. ``KVLayout.block_views(block_id)``)."""
 
-    @abstractmethod
     def decode(
         self,
         data: torch.Tensor | bytes,
@@ -152,6 +154,14 @@ class Codec(ABC):
         """Decode a page into the per-layer [H, N, C] destinations `out` (any strides).
         Pages are self-describing for a given codec and geometry, so `meta` is optional;
         when given, its codec name is checked."""
+        if meta is not None and meta.codec != self.name:
+            raise ValueError(f"page was encoded with {meta.codec!r}, not {self.name!r}")
+        self.geometry.check_blocks(out, "decode")
+        self._decode_page(as_page_tensor(data), out)
+
+    @abstractmethod
+    def _decode_page(self, page: torch.Tensor, out: Sequence[torch.Tensor]) -> None:
+        """Decode a flat uint8 page into checked destinations."""
 
     @abstractmethod
     def max_encoded_size(self, page_bytes: int | None = None) -> int:
@@ -174,10 +184,6 @@ class Codec(ABC):
                 f"codec {self.name!r} was built for pages of {self.geometry.page_bytes} bytes, "
                 f"got {page_bytes}"
             )
-
-    def _check_meta(self, meta: PageMeta | None) -> None:
-        if meta is not None and meta.codec != self.name:
-            raise ValueError(f"page was encoded with {meta.codec!r}, not {self.name!r}")
 
     def __repr__(self) -> str:
         g = self.geometry
@@ -210,7 +216,6 @@ class FixedSizeCodec(Codec):
         self.geometry = geometry
         self.measure_error = measure_error
 
-    @abstractmethod
     def encode_blocks(
         self,
         kv_caches: Sequence[torch.Tensor],
@@ -220,8 +225,10 @@ class FixedSizeCodec(Codec):
     ) -> list[PageMeta]:
         """Encode block ``block_ids[i]`` of every layer's [B, H, N, C] cache into row
         ``page_ids[i]`` of `pages` ([P, encoded_size] uint8). Returns one meta per block."""
+        self.geometry.check_blocks(kv_caches, "encode_blocks")
+        ids = as_index(block_ids, kv_caches[0].device)
+        return self._encode_rows(kv_caches, ids, pages, as_index(page_ids, pages.device))
 
-    @abstractmethod
     def decode_blocks(
         self,
         pages: torch.Tensor,
@@ -230,6 +237,23 @@ class FixedSizeCodec(Codec):
         block_ids: IndexLike,
     ) -> None:
         """Decode row ``page_ids[i]`` of `pages` into block ``block_ids[i]`` of every layer."""
+        self.geometry.check_blocks(kv_caches, "decode_blocks")
+        ids = as_index(block_ids, kv_caches[0].device)
+        self._decode_rows(pages, as_index(page_ids, pages.device), kv_caches, ids)
+
+    @abstractmethod
+    def _encode_rows(
+        self, caches: Sequence[torch.Tensor], ids: torch.Tensor, pages: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> list[PageMeta]:
+        """encode_blocks on checked arguments: ids and rows are int64 index tensors."""
+
+    @abstractmethod
+    def _decode_rows(
+        self, pages: torch.Tensor, rows: torch.Tensor, caches: Sequence[torch.Tensor],
+        ids: torch.Tensor,
+    ) -> None:
+        """decode_blocks on checked arguments."""
 
     @abstractmethod
     def _size(self) -> int: ...
@@ -252,16 +276,8 @@ class FixedSizeCodec(Codec):
         data = torch.empty(self._size(), dtype=torch.uint8, device=layers[0].device)
         return EncodedPage(data, self.encode_into(layers, data))
 
-    def decode(
-        self,
-        data: torch.Tensor | bytes,
-        out: Sequence[torch.Tensor],
-        meta: PageMeta | None = None,
-    ) -> None:
-        self._check_meta(meta)
-        self.geometry.check_blocks(out, "decode")
-        page = self._check_page(as_page_tensor(data))
-        self.decode_blocks(page, [0], [t.unsqueeze(0) for t in out], [0])
+    def _decode_page(self, page: torch.Tensor, out: Sequence[torch.Tensor]) -> None:
+        self.decode_blocks(self._check_page(page), [0], [t.unsqueeze(0) for t in out], [0])
 
     def _check_page(self, page: torch.Tensor) -> torch.Tensor:
         if page.dtype != torch.uint8 or page.numel() != self._size():

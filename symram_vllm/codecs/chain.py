@@ -13,8 +13,6 @@ from symram_vllm.codecs.base import (
     Codec,
     EncodedPage,
     FixedSizeCodec,
-    PageMeta,
-    as_page_tensor,
 )
 
 
@@ -34,15 +32,9 @@ class ChainCodec(Codec):
         # meta.scales keeps viewing the uncompressed inner page, which it keeps alive.
         return EncodedPage(data, replace(page.meta, codec=self.name, nbytes=data.numel()))
 
-    def decode(
-        self,
-        data: torch.Tensor | bytes,
-        out: Sequence[torch.Tensor],
-        meta: PageMeta | None = None,
-    ) -> None:
-        self._check_meta(meta)
-        page = self.transform.decode(as_page_tensor(data), self.inner.encoded_size())
-        self.inner.decode(page.to(out[0].device) if out else page, out)
+    def _decode_page(self, page: torch.Tensor, out: Sequence[torch.Tensor]) -> None:
+        inner = self.transform.decode(page, self.inner.encoded_size())
+        self.inner.decode(inner.to(out[0].device), out)
 
     def max_encoded_size(self, page_bytes: int | None = None) -> int:
         return self.transform.max_encoded_size(self.inner.encoded_size(page_bytes))

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from symram_vllm.codecs.base import CorruptPageError
-from symram_vllm.kernels.spec import as_index
 
 ALIGN = 16
 
@@ -30,6 +27,3 @@ def region(pages: torch.Tensor, start: int, nbytes: int, dtype: torch.dtype,
             f"{dtype.itemsize} bytes ({exc})"
         ) from exc
 
-
-def indices(ids: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
-    return as_index(ids, device)

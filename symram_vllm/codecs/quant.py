@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
-from symram_vllm.codecs.base import FixedSizeCodec, IndexLike, PageGeometry, PageMeta
-from symram_vllm.codecs.pages import align_up, indices, region
+from symram_vllm.codecs.base import FixedSizeCodec, PageGeometry, PageMeta
+from symram_vllm.codecs.pages import align_up, region
 from symram_vllm.kernels import dequantize_scatter, gather_quantize, quant_dtype, scales_shape
 
 
@@ -56,24 +56,18 @@ class QuantCodec(FixedSizeCodec):
         return region(pages, self._scales_at, n * self._scale_bytes, torch.float32,
                       (n, *self._scale_shape))
 
-    def encode_blocks(
-        self,
-        kv_caches: Sequence[torch.Tensor],
-        block_ids: IndexLike,
-        pages: torch.Tensor,
-        page_ids: IndexLike,
+    def _encode_rows(
+        self, caches: Sequence[torch.Tensor], ids: torch.Tensor, pages: torch.Tensor,
+        rows: torch.Tensor,
     ) -> list[PageMeta]:
-        self.geometry.check_blocks(kv_caches, "encode_blocks")
-        device = kv_caches[0].device
-        ids = indices(block_ids, device)
-        rows = indices(page_ids, pages.device)
+        device = ids.device
         # A CUDA cache and a host page array: quantize on the device into a staging
         # array of encoded size (half the raw bytes or less), then one copy to the host.
         target, target_rows = pages, rows
         if pages.device != device:
             target = torch.empty((ids.numel(), self._page_size), dtype=torch.uint8, device=device)
             target_rows = torch.arange(ids.numel(), device=device)
-        for layer, cache in enumerate(kv_caches):
+        for layer, cache in enumerate(caches):
             gather_quantize(
                 cache, ids, self.fmt, self.granularity,
                 out=self.codes_view(target, layer), out_scales=self.scales_view(target, layer),
@@ -83,28 +77,22 @@ class QuantCodec(FixedSizeCodec):
         target[:, self._codes_bytes * self.geometry.num_layers : self._scales_at].index_fill_(
             0, target_rows, 0)
         target[:, self._end :].index_fill_(0, target_rows, 0)
-        metas = self._metas(kv_caches, ids, target, target_rows)
+        metas = self._metas(caches, ids, target, target_rows)
         if target is not pages:
             pages.index_copy_(0, rows, target.to(pages.device))
             for i, meta in enumerate(metas):
                 meta.scales = self.all_scales(pages)[int(rows[i])]
         return metas
 
-    def decode_blocks(
-        self,
-        pages: torch.Tensor,
-        page_ids: IndexLike,
-        kv_caches: Sequence[torch.Tensor],
-        block_ids: IndexLike,
+    def _decode_rows(
+        self, pages: torch.Tensor, rows: torch.Tensor, caches: Sequence[torch.Tensor],
+        ids: torch.Tensor,
     ) -> None:
-        self.geometry.check_blocks(kv_caches, "decode_blocks")
-        device = kv_caches[0].device
-        ids = indices(block_ids, device)
-        rows = indices(page_ids, pages.device)
+        device = ids.device
         if pages.device != device:
             pages = pages.index_select(0, rows).to(device)
             rows = torch.arange(ids.numel(), device=device)
-        for layer, cache in enumerate(kv_caches):
+        for layer, cache in enumerate(caches):
             dequantize_scatter(
                 self.codes_view(pages, layer), self.scales_view(pages, layer), cache, ids,
                 src_rows=rows,

@@ -10,13 +10,12 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
-from collections.abc import Sequence
-from types import ModuleType
 
 import torch
 
 from symram_vllm.capability import Capability, cuda_capability
 from symram_vllm.kernels import reference
+from symram_vllm.kernels.base import Batch, QuantKernels
 
 logger = logging.getLogger(__name__)
 
@@ -42,46 +41,26 @@ def kernel_backend(device: torch.device) -> str:
     return "torch"
 
 
-def _impl(device: torch.device) -> ModuleType:
+def _impl(device: torch.device) -> QuantKernels:
     if kernel_backend(device) == "triton":
         from symram_vllm.kernels import triton_impl
 
-        return triton_impl
-    return reference
+        return triton_impl.KERNELS
+    return reference.KERNELS
 
 
-def gather_quantize(
-    kv: torch.Tensor,
-    block_ids: torch.Tensor | Sequence[int],
-    fmt: str = "int8",
-    granularity: str = "token",
-    *,
-    out: torch.Tensor | None = None,
-    out_scales: torch.Tensor | None = None,
-    out_rows: torch.Tensor | Sequence[int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize blocks `block_ids` of a [B, H, N, C] cache (any strides) to 8 bits.
+class DispatchKernels(QuantKernels):
+    """Checks arguments once, then runs the implementation that serves the device."""
 
-    Returns ``(q, scales)``: q is [n, H, N, C] int8 / float8_e4m3fn and scales float32
-    [n, H, N, 2] ("token": per block, head, token and K|V half) or [n, H, 2] ("head").
-    With ``out`` / ``out_scales`` (any strides, e.g. typed views of a DRAM-tier arena),
-    block ``block_ids[i]`` is written to row ``out_rows[i]`` and those buffers are
-    returned, so no intermediate copy of the page is made on the Triton path.
-    """
-    return _impl(kv.device).gather_quantize(
-        kv, block_ids, fmt, granularity, out=out, out_scales=out_scales, out_rows=out_rows
-    )
+    name = "dispatch"
+
+    def quantize_batch(self, batch: Batch) -> None:
+        _impl(batch.cache.device).quantize_batch(batch)
+
+    def dequantize_batch(self, batch: Batch) -> None:
+        _impl(batch.cache.device).dequantize_batch(batch)
 
 
-def dequantize_scatter(
-    q: torch.Tensor,
-    scales: torch.Tensor,
-    dst_kv: torch.Tensor,
-    block_ids: torch.Tensor | Sequence[int],
-    *,
-    src_rows: torch.Tensor | Sequence[int] | None = None,
-) -> None:
-    """Inverse of gather_quantize: row ``src_rows[i]`` of (q, scales) is decoded into
-    block ``block_ids[i]`` of `dst_kv`. Format and granularity follow q's dtype and
-    scales' rank. Destination block ids must be distinct."""
-    _impl(dst_kv.device).dequantize_scatter(q, scales, dst_kv, block_ids, src_rows=src_rows)
+KERNELS = DispatchKernels()
+gather_quantize = KERNELS.gather_quantize
+dequantize_scatter = KERNELS.dequantize_scatter

@@ -4,21 +4,11 @@ Triton kernels are tested against byte for byte. See ``spec.py`` for the contrac
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 
 import torch
 
-from symram_vllm.kernels.spec import (
-    QMAX,
-    SCALE_FLOOR,
-    as_index,
-    check_cache,
-    check_dequant_args,
-    check_format,
-    check_granularity,
-    granularity_of,
-    resolve_outputs,
-)
+from symram_vllm.kernels.base import Batch, QuantKernels
+from symram_vllm.kernels.spec import QMAX, SCALE_FLOOR
 
 # Blocks per pass are chosen so the float32 temporaries stay around 2 MB: cache-sized,
 # and small enough that the allocator reuses them instead of faulting in fresh pages
@@ -92,55 +82,39 @@ def codes_to_float(q: torch.Tensor) -> torch.Tensor:
     return _fp8_table(q.device).index_select(0, flat).view(q.shape)
 
 
-def gather_quantize(
-    kv: torch.Tensor,
-    block_ids: torch.Tensor | Sequence[int],
-    fmt: str = "int8",
-    granularity: str = "token",
-    *,
-    out: torch.Tensor | None = None,
-    out_scales: torch.Tensor | None = None,
-    out_rows: torch.Tensor | Sequence[int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    check_format(fmt)
-    check_granularity(granularity)
-    blocks, heads, tokens, content = check_cache(kv, "kv")
-    ids = as_index(block_ids, kv.device, blocks, "block_ids")
-    q_out, s_out, rows = resolve_outputs(
-        ids.numel(), (heads, tokens, content), fmt, granularity, kv.device,
-        out, out_scales, out_rows,
-    )
-    for start, stop in _chunks(ids.numel(), heads * tokens * content):
-        x = kv.index_select(0, ids[start:stop]).float()
-        codes, scales = quantize_groups(_groups(x, granularity), fmt)
-        codes = _ungroup(codes, x.shape, granularity)
-        scales = scales.squeeze(-1)
-        if granularity == "head":
-            scales = scales.squeeze(2)
-        # index_copy_ has no float8 kernel on CPU; the bytes are what we copy anyway.
-        q_out.view(torch.uint8).index_copy_(0, rows[start:stop], codes.view(torch.uint8))
-        s_out.index_copy_(0, rows[start:stop], scales)
-    return q_out, s_out
+class TorchKernels(QuantKernels):
+    name = "torch"
+
+    def quantize_batch(self, batch: Batch) -> None:
+        fmt, granularity = batch.fmt, batch.granularity
+        for start, stop in _chunks(len(batch), batch.cache[0].numel()):
+            rows = batch.rows[start:stop]
+            x = batch.cache.index_select(0, batch.ids[start:stop]).float()
+            codes, scales = quantize_groups(_groups(x, granularity), fmt)
+            codes = _ungroup(codes, x.shape, granularity)
+            scales = scales.squeeze(-1)
+            if granularity == "head":
+                scales = scales.squeeze(2)
+            # index_copy_ has no float8 kernel on CPU; the bytes are what we copy anyway.
+            batch.q.view(torch.uint8).index_copy_(0, rows, codes.view(torch.uint8))
+            batch.scales.index_copy_(0, rows, scales)
+
+    def dequantize_batch(self, batch: Batch) -> None:
+        q, granularity = batch.q, batch.granularity
+        for start, stop in _chunks(len(batch), q[0].numel()):
+            rows = batch.rows[start:stop]
+            # index_select on the uint8 view: torch has no fast float8 gather on CPU.
+            codes = codes_to_float(q.view(torch.uint8).index_select(0, rows).view(q.dtype))
+            s = batch.scales.index_select(0, rows)
+            if granularity == "head":
+                s = s.unsqueeze(2)
+            g = _groups(codes, granularity).mul_(s.unsqueeze(-1))
+            batch.cache.index_copy_(
+                0, batch.ids[start:stop],
+                _ungroup(g, codes.shape, granularity).to(batch.cache.dtype),
+            )
 
 
-def dequantize_scatter(
-    q: torch.Tensor,
-    scales: torch.Tensor,
-    dst_kv: torch.Tensor,
-    block_ids: torch.Tensor | Sequence[int],
-    *,
-    src_rows: torch.Tensor | Sequence[int] | None = None,
-) -> None:
-    ids, rows = check_dequant_args(q, scales, dst_kv, block_ids, src_rows)
-    granularity = granularity_of(scales)
-    for start, stop in _chunks(ids.numel(), q[0].numel()):
-        # index_select on the uint8 view: torch has no fast float8 gather on CPU.
-        codes = q.view(torch.uint8).index_select(0, rows[start:stop]).view(q.dtype)
-        codes = codes_to_float(codes)
-        s = scales.index_select(0, rows[start:stop])
-        if granularity == "head":
-            s = s.unsqueeze(2)
-        g = _groups(codes, granularity).mul_(s.unsqueeze(-1))
-        dst_kv.index_copy_(
-            0, ids[start:stop], _ungroup(g, codes.shape, granularity).to(dst_kv.dtype)
-        )
+KERNELS = TorchKernels()
+gather_quantize = KERNELS.gather_quantize
+dequantize_scatter = KERNELS.dequantize_scatter

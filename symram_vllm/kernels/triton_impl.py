@@ -15,27 +15,14 @@ Importing this module imports triton; ``dispatch.py`` only does so for CUDA tens
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import triton
 import triton.language as tl
 
-from symram_vllm.kernels.spec import (
-    QMAX,
-    SCALE_FLOOR,
-    as_index,
-    check_cache,
-    check_dequant_args,
-    check_format,
-    check_granularity,
-    format_of,
-    granularity_of,
-    resolve_outputs,
-)
+from symram_vllm.kernels.base import Batch, QuantKernels
+from symram_vllm.kernels.spec import QMAX, SCALE_FLOOR
 
-# Elements per tile: small enough to stay in registers on a GPU (4 warps); the scale
-# group math is order-independent, so the tile size never changes output bytes.
+# Elements per tile: small enough to stay in registers on a GPU (4 warps).
 TILE_ELEMS = 4096
 
 
@@ -87,26 +74,57 @@ def _e4m3_bits_to_f32(c):
 
 
 @triton.jit
+def _group_bases(cache_ptr, c_sb, c_sh, c_sc, ids_ptr, q_ptr, q_sb, q_sh, q_sc,
+                 s_ptr, s_sb, s_sh, s_sk, rows_ptr, heads, HALF: tl.constexpr):
+    """One program per (batch entry i, head, K|V half): the start of that group in the
+    cache (block ids[i]), in the codes and in the scales (row rows[i])."""
+    pid = tl.program_id(0)
+    i = pid // 2 // heads
+    head = (pid // 2) % heads
+    kv_half = pid % 2
+    block = tl.load(ids_ptr + i)
+    row = tl.load(rows_ptr + i)
+    return (cache_ptr + block * c_sb + head * c_sh + kv_half * HALF * c_sc,
+            q_ptr + row * q_sb + head * q_sh + kv_half * HALF * q_sc,
+            s_ptr + row * s_sb + head * s_sh + kv_half * s_sk)
+
+
+@triton.jit
+def _tile(base, offs_n, offs_d, s_n, s_c, TOKENS: tl.constexpr, HALF: tl.constexpr):
+    """Pointers and in-bounds mask of a [BLOCK_N, BLOCK_D] tile of one half-row group."""
+    mask = (offs_n[:, None] < TOKENS) & (offs_d[None, :] < HALF)
+    return base + offs_n[:, None] * s_n + offs_d[None, :] * s_c, mask
+
+
+@triton.jit
 def _load_tile(src, offs_n, offs_d, s_n, s_c, TOKENS: tl.constexpr, HALF: tl.constexpr,
                SRC_BF16: tl.constexpr):
-    mask = (offs_n[:, None] < TOKENS) & (offs_d[None, :] < HALF)
-    ptrs = src + offs_n[:, None] * s_n + offs_d[None, :] * s_c
+    ptrs, mask = _tile(src, offs_n, offs_d, s_n, s_c, TOKENS, HALF)
     if SRC_BF16:
         x = _bf16_bits_to_f32(tl.load(ptrs, mask=mask, other=0))
     else:
         x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     finite = tl.abs(x) < float("inf")
-    return tl.where(finite, x, 0.0), finite, mask
+    return tl.where(finite, x, 0.0), finite
 
 
 @triton.jit
-def _encode(x, inv, bad, QMAXV: tl.constexpr, IS_FP8: tl.constexpr):
+def _scale_and_inverse(amax, QMAXV: tl.constexpr, FLOOR: tl.constexpr):
+    a = tl.maximum(amax, FLOOR)
+    qm = tl.full(a.shape, QMAXV, tl.float32)
+    return tl.math.div_rn(a, qm), tl.math.div_rn(qm, a)
+
+
+@triton.jit
+def _store_codes(dst, offs_n, offs_d, s_n, s_c, x, inv, bad, TOKENS: tl.constexpr,
+                 HALF: tl.constexpr, QMAXV: tl.constexpr, IS_FP8: tl.constexpr):
     y = tl.minimum(tl.maximum(x * inv, -QMAXV), QMAXV)
     if IS_FP8:
         codes = tl.where(bad, 0, _f32_to_e4m3_bits(y)).to(tl.uint8)
     else:
         codes = tl.where(bad, 0.0, _round_half_even(y)).to(tl.int8)
-    return codes
+    ptrs, mask = _tile(dst, offs_n, offs_d, s_n, s_c, TOKENS, HALF)
+    tl.store(ptrs, codes, mask=mask)
 
 
 @triton.jit
@@ -120,29 +138,17 @@ def _gather_quantize_kernel(
     QMAXV: tl.constexpr, FLOOR: tl.constexpr,
     SRC_BF16: tl.constexpr, IS_FP8: tl.constexpr, PER_TOKEN: tl.constexpr,
 ):
-    # One program per (block, head, K|V half).
-    pid = tl.program_id(0)
-    kv_half = pid % 2
-    head = (pid // 2) % heads
-    i = pid // 2 // heads
-    block = tl.load(ids_ptr + i)
-    row = tl.load(rows_ptr + i)
-    src = kv_ptr + block * kv_sb + head * kv_sh + kv_half * HALF * kv_sc
-    dst = q_ptr + row * q_sb + head * q_sh + kv_half * HALF * q_sc
-    sdst = s_ptr + row * s_sb + head * s_sh + kv_half * s_sk
+    src, dst, sdst = _group_bases(kv_ptr, kv_sb, kv_sh, kv_sc, ids_ptr, q_ptr, q_sb, q_sh, q_sc,
+                                  s_ptr, s_sb, s_sh, s_sk, rows_ptr, heads, HALF)
     offs_d = tl.arange(0, BLOCK_D)
     if PER_TOKEN:
         for n0 in range(0, TOKENS, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            x, finite, mask = _load_tile(src, offs_n, offs_d, kv_sn, kv_sc, TOKENS, HALF,
-                                         SRC_BF16)
+            x, finite = _load_tile(src, offs_n, offs_d, kv_sn, kv_sc, TOKENS, HALF, SRC_BF16)
             bad = tl.max((~finite).to(tl.int32), axis=1) > 0
-            a = tl.maximum(tl.max(tl.abs(x), axis=1), FLOOR)
-            qm = tl.full(a.shape, QMAXV, tl.float32)
-            scale = tl.math.div_rn(a, qm)
-            inv = tl.math.div_rn(qm, a)
-            codes = _encode(x, inv[:, None], bad[:, None], QMAXV, IS_FP8)
-            tl.store(dst + offs_n[:, None] * q_sn + offs_d[None, :] * q_sc, codes, mask=mask)
+            scale, inv = _scale_and_inverse(tl.max(tl.abs(x), axis=1), QMAXV, FLOOR)
+            _store_codes(dst, offs_n, offs_d, q_sn, q_sc, x, inv[:, None], bad[:, None],
+                         TOKENS, HALF, QMAXV, IS_FP8)
             tl.store(sdst + offs_n * s_sn, tl.where(bad, float("nan"), scale),
                      mask=offs_n < TOKENS)
     else:
@@ -151,21 +157,16 @@ def _gather_quantize_kernel(
         bad_rows = tl.zeros((BLOCK_N,), tl.int32)
         for n0 in range(0, TOKENS, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            x, finite, mask = _load_tile(src, offs_n, offs_d, kv_sn, kv_sc, TOKENS, HALF,
-                                         SRC_BF16)
+            x, finite = _load_tile(src, offs_n, offs_d, kv_sn, kv_sc, TOKENS, HALF, SRC_BF16)
             amax_rows = tl.maximum(amax_rows, tl.max(tl.abs(x), axis=1))
             bad_rows = tl.maximum(bad_rows, tl.max((~finite).to(tl.int32), axis=1))
         bad = tl.max(bad_rows, axis=0) > 0
-        a = tl.maximum(tl.max(amax_rows, axis=0), FLOOR)
-        qm = tl.full(a.shape, QMAXV, tl.float32)
-        scale = tl.math.div_rn(a, qm)
-        inv = tl.math.div_rn(qm, a)
+        scale, inv = _scale_and_inverse(tl.max(amax_rows, axis=0), QMAXV, FLOOR)
         for n0 in range(0, TOKENS, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            x, finite, mask = _load_tile(src, offs_n, offs_d, kv_sn, kv_sc, TOKENS, HALF,
-                                         SRC_BF16)
-            codes = _encode(x, inv, bad, QMAXV, IS_FP8)
-            tl.store(dst + offs_n[:, None] * q_sn + offs_d[None, :] * q_sc, codes, mask=mask)
+            x, _ = _load_tile(src, offs_n, offs_d, kv_sn, kv_sc, TOKENS, HALF, SRC_BF16)
+            _store_codes(dst, offs_n, offs_d, q_sn, q_sc, x, inv, bad, TOKENS, HALF, QMAXV,
+                         IS_FP8)
         tl.store(sdst, tl.where(bad, float("nan"), scale))
 
 
@@ -179,20 +180,13 @@ def _dequantize_scatter_kernel(
     TOKENS: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DST_BF16: tl.constexpr, IS_FP8: tl.constexpr, PER_TOKEN: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    kv_half = pid % 2
-    head = (pid // 2) % heads
-    i = pid // 2 // heads
-    row = tl.load(rows_ptr + i)
-    block = tl.load(ids_ptr + i)
-    src = q_ptr + row * q_sb + head * q_sh + kv_half * HALF * q_sc
-    dst = dst_ptr + block * d_sb + head * d_sh + kv_half * HALF * d_sc
-    sptr = s_ptr + row * s_sb + head * s_sh + kv_half * s_sk
+    dst, src, sptr = _group_bases(dst_ptr, d_sb, d_sh, d_sc, ids_ptr, q_ptr, q_sb, q_sh, q_sc,
+                                  s_ptr, s_sb, s_sh, s_sk, rows_ptr, heads, HALF)
     offs_d = tl.arange(0, BLOCK_D)
     for n0 in range(0, TOKENS, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask = (offs_n[:, None] < TOKENS) & (offs_d[None, :] < HALF)
-        codes = tl.load(src + offs_n[:, None] * q_sn + offs_d[None, :] * q_sc, mask=mask, other=0)
+        src_ptrs, mask = _tile(src, offs_n, offs_d, q_sn, q_sc, TOKENS, HALF)
+        codes = tl.load(src_ptrs, mask=mask, other=0)
         # constexpr if-blocks, not ternaries: Triton traces only the taken branch.
         if IS_FP8:  # noqa: SIM108
             v = _e4m3_bits_to_f32(codes.to(tl.int32))
@@ -207,13 +201,19 @@ def _dequantize_scatter_kernel(
             out = _f32_to_bf16_bits(v)
         else:
             out = v.to(tl.float16)
-        tl.store(dst + offs_n[:, None] * d_sn + offs_d[None, :] * d_sc, out, mask=mask)
+        dst_ptrs, _ = _tile(dst, offs_n, offs_d, d_sn, d_sc, TOKENS, HALF)
+        tl.store(dst_ptrs, out, mask=mask)
 
 
-def _tile(tokens: int, half: int) -> tuple[int, int]:
+def _launch_shape(batch: Batch) -> tuple[tuple[int], dict[str, int]]:
+    """Grid and tile constexprs. The scale math is order-independent, so the tile size
+    never changes output bytes."""
+    _, heads, tokens, content = batch.cache.shape
+    half = content // 2
     block_d = triton.next_power_of_2(half)
     block_n = min(triton.next_power_of_2(tokens), max(1, TILE_ELEMS // block_d))
-    return block_n, block_d
+    grid = (len(batch) * heads * 2,)
+    return grid, {"TOKENS": tokens, "HALF": half, "BLOCK_N": block_n, "BLOCK_D": block_d}
 
 
 def _scale_strides(scales: torch.Tensor) -> tuple[int, int, int, int]:
@@ -231,61 +231,35 @@ def _bits_view(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def gather_quantize(
-    kv: torch.Tensor,
-    block_ids: torch.Tensor | Sequence[int],
-    fmt: str = "int8",
-    granularity: str = "token",
-    *,
-    out: torch.Tensor | None = None,
-    out_scales: torch.Tensor | None = None,
-    out_rows: torch.Tensor | Sequence[int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    check_format(fmt)
-    check_granularity(granularity)
-    blocks, heads, tokens, content = check_cache(kv, "kv")
-    ids = as_index(block_ids, kv.device, blocks, "block_ids")
-    q, scales, rows = resolve_outputs(
-        ids.numel(), (heads, tokens, content), fmt, granularity, kv.device,
-        out, out_scales, out_rows,
-    )
-    if ids.numel() == 0:
-        return q, scales
-    half = content // 2
-    block_n, block_d = _tile(tokens, half)
-    _gather_quantize_kernel[(ids.numel() * heads * 2,)](
-        _bits_view(kv), ids, _bits_view(q), scales, rows,
-        *kv.stride(), *q.stride(), *_scale_strides(scales),
-        heads,
-        TOKENS=tokens, HALF=half, BLOCK_N=block_n, BLOCK_D=block_d,
-        QMAXV=QMAX[fmt], FLOOR=SCALE_FLOOR,
-        SRC_BF16=kv.dtype == torch.bfloat16, IS_FP8=fmt == "fp8",
-        PER_TOKEN=granularity == "token",
-        enable_fp_fusion=False,
-    )
-    return q, scales
+class TritonKernels(QuantKernels):
+    name = "triton"
+
+    def quantize_batch(self, batch: Batch) -> None:
+        grid, tile = _launch_shape(batch)
+        kv, q, scales = batch.cache, batch.q, batch.scales
+        _gather_quantize_kernel[grid](
+            _bits_view(kv), batch.ids, _bits_view(q), scales, batch.rows,
+            *kv.stride(), *q.stride(), *_scale_strides(scales),
+            kv.shape[1], **tile,
+            QMAXV=QMAX[batch.fmt], FLOOR=SCALE_FLOOR,
+            SRC_BF16=kv.dtype == torch.bfloat16, IS_FP8=batch.fmt == "fp8",
+            PER_TOKEN=batch.granularity == "token",
+            enable_fp_fusion=False,
+        )
+
+    def dequantize_batch(self, batch: Batch) -> None:
+        grid, tile = _launch_shape(batch)
+        dst, q, scales = batch.cache, batch.q, batch.scales
+        _dequantize_scatter_kernel[grid](
+            _bits_view(q), scales, batch.rows, _bits_view(dst), batch.ids,
+            *q.stride(), *_scale_strides(scales), *dst.stride(),
+            dst.shape[1], **tile,
+            DST_BF16=dst.dtype == torch.bfloat16, IS_FP8=batch.fmt == "fp8",
+            PER_TOKEN=batch.granularity == "token",
+            enable_fp_fusion=False,
+        )
 
 
-def dequantize_scatter(
-    q: torch.Tensor,
-    scales: torch.Tensor,
-    dst_kv: torch.Tensor,
-    block_ids: torch.Tensor | Sequence[int],
-    *,
-    src_rows: torch.Tensor | Sequence[int] | None = None,
-) -> None:
-    ids, rows = check_dequant_args(q, scales, dst_kv, block_ids, src_rows)
-    if ids.numel() == 0:
-        return
-    _, heads, tokens, content = dst_kv.shape
-    half = content // 2
-    block_n, block_d = _tile(tokens, half)
-    _dequantize_scatter_kernel[(ids.numel() * heads * 2,)](
-        _bits_view(q), scales, rows, _bits_view(dst_kv), ids,
-        *q.stride(), *_scale_strides(scales), *dst_kv.stride(),
-        heads,
-        TOKENS=tokens, HALF=half, BLOCK_N=block_n, BLOCK_D=block_d,
-        DST_BF16=dst_kv.dtype == torch.bfloat16, IS_FP8=format_of(q) == "fp8",
-        PER_TOKEN=granularity_of(scales) == "token",
-        enable_fp_fusion=False,
-    )
+KERNELS = TritonKernels()
+gather_quantize = KERNELS.gather_quantize
+dequantize_scatter = KERNELS.dequantize_scatter
