@@ -28,3 +28,19 @@ def pytest_configure(config):
 
 def redis_server_path() -> str | None:
     return shutil.which("redis-server")
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on a free port (tests/redis_fixtures.py), killed at teardown.
+    Skipped only when the redis-server binary is not installed."""
+    from redis_fixtures import RedisServer, redis_server_binary
+
+    binary = redis_server_binary()
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = RedisServer(tmp_path, binary).start()
+    try:
+        yield server
+    finally:
+        server.kill()
