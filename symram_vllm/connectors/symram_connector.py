@@ -9,6 +9,8 @@ per-step metadata, so the design works for any executor and any TP size.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,6 +26,7 @@ from symram_vllm.connectors.metadata import SymramConnectorMetadata, SymramWorke
 from symram_vllm.connectors.scheduler import SchedulerSide
 from symram_vllm.connectors.vllm_stats import SymramConnectorStats, SymramPromMetrics
 from symram_vllm.connectors.worker import WorkerSide
+from symram_vllm.directory import Directory, make_directory
 from symram_vllm.keys import ModelSignature
 
 if TYPE_CHECKING:
@@ -77,6 +80,22 @@ def ensure_reproducible_hashes(vllm_config: VllmConfig) -> str:
         "process, so stored KV would never be found again (or found by the wrong prompt "
         "after a restart). Start vLLM with --prefix-caching-hash-algo sha256_cbor."
     )
+
+
+def _open_directory(config: SymramConfig, namespace: bytes) -> Directory:
+    """The block directory: in-process by default, Redis when directory_url is set.
+
+    Only this instance's own entries count as loadable for now (no shared tiers):
+    its worker cannot yet read pages another instance stored, so promising them
+    would only cost a failed load and a recompute."""
+    instance = config.instance_id or f"{socket.gethostname()}:{os.getpid()}"
+    try:
+        return make_directory(
+            config.directory_url, namespace=namespace, instance_id=instance,
+            shared_tiers=frozenset(),
+        )
+    except ValueError as exc:
+        raise SymramStartupError(f"symram directory_url: {exc}") from exc
 
 
 def _read_config(vllm_config: VllmConfig) -> SymramConfig:
@@ -154,7 +173,10 @@ class SymramConnector(KVConnectorBase_V1):
             ):
                 # A page that cannot be loaded must cost a recompute, never a request.
                 transfer.kv_load_failure_policy = "recompute"
-            self._scheduler = SchedulerSide(signature.digest(), self.block_size, self.config)
+            self._scheduler = SchedulerSide(
+                signature.digest(), self.block_size, self.config,
+                directory=_open_directory(self.config, signature.digest()),
+            )
             seeded = self._scheduler.seed_from_disk(signature.tp_size)
             logger.info(
                 "symram scheduler: signature %s (%s), codec %s, DRAM budget %d bytes, disk %s "
