@@ -12,14 +12,21 @@ want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
-# 1. System packages later features use (Redis for the shared directory).
-if ! command -v redis-server >/dev/null 2>&1; then
+# 1. System packages: Redis (the shared directory) and Debian's Chromium + ChromeDriver
+#    (the headless dashboard test, tests/integration/test_dashboard_browser.py, which
+#    fails under CI=true without them). Only what is missing; one apt-get run.
+apt_missing=()
+command -v redis-server >/dev/null 2>&1 || apt_missing+=(redis-server)
+command -v chromium >/dev/null 2>&1 || apt_missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || apt_missing+=(chromium-driver)
+if [ "${#apt_missing[@]}" -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    log "installing redis-server (apt)"
+    log "installing ${apt_missing[*]} (apt)"
     apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_missing[@]}" >/dev/null
   else
-    log "redis-server missing and apt-get unavailable (not root?): install it yourself for the Redis features"
+    log "${apt_missing[*]} missing and apt-get unavailable (not root?): install them yourself" \
+        "(redis-server: the Redis features; chromium + chromium-driver: the dashboard browser test)"
   fi
 fi
 

@@ -1,0 +1,230 @@
+"""The engine-side control endpoint the gateway talks to.
+
+Each TP rank's worker runs one (on ``control_port + rank``). It answers, for a list of
+chain keys (the gateway computes them exactly as the connector does), how long a
+prefix this rank holds in DRAM, on disk, and in any tier; it promotes pages from disk
+to DRAM on request ahead of the prompt that needs them; and it reports the tier stats
+the gateway's dashboard plots.
+
+It knows the ``TierStack`` and nothing of vLLM. Endpoints (JSON):
+
+* ``GET  /symram/info``      the engine's identity (instance, key namespace, layout) + rank
+* ``POST /symram/lookup``    ``{"keys": [hex, ...]}`` -> ``{"dram": n, "disk": n, "any": n}``
+* ``POST /symram/prefetch``  ``{"keys": [...], "wait_s": 0.5}`` ->
+  ``{"requested", "dram_resident", "promoted", "done"}``
+* ``GET  /symram/stats``     ``TierStack.stats()``
+* ``GET  /health``           ``{"ok": true}``
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from symram_vllm.keys import KEY_BYTES, BlockKey
+
+logger = logging.getLogger(__name__)
+
+MAX_KEYS = 16384  # 2M tokens at vLLM's CPU block size of 128: longer than any context
+MAX_WAIT_S = 10.0
+INFO_FIELDS = ("instance_id", "signature_digest", "block_size", "tp_size", "codec", "model")
+
+
+class StackLike(Protocol):
+    """What the control endpoint needs of ``symram_vllm.tiers.stack.TierStack``."""
+
+    def where(self, key: BlockKey) -> str | None: ...
+
+    def prefetch(self, keys: Any) -> Any: ...
+
+    def stats(self) -> dict[str, float]: ...
+
+
+def _check_keys(keys: list[str]) -> list[str]:
+    if len(keys) > MAX_KEYS:
+        raise ValueError(f"at most {MAX_KEYS} keys per call, got {len(keys)}")
+    for i, key in enumerate(keys):
+        try:
+            raw = bytes.fromhex(key)
+        except ValueError:
+            raw = b""
+        if len(raw) != KEY_BYTES:
+            raise ValueError(
+                f"keys[{i}] = {key[:80]!r} is not a chain key ({2 * KEY_BYTES} hex digits)"
+            )
+    return keys
+
+
+class LookupBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    keys: list[str] = Field(description="Chain keys of a prompt's full blocks, in order.")
+
+    _keys = field_validator("keys")(_check_keys)
+
+
+class PrefetchBody(LookupBody):
+    wait_s: float = Field(default=0.5, ge=0, le=MAX_WAIT_S)
+
+
+def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": param, "code": status}},
+        status_code=status,
+    )
+
+
+def build_control_app(stack: StackLike, rank: int, info: dict[str, Any]) -> FastAPI:
+    app = FastAPI(title="symram control", docs_url=None, redoc_url=None, openapi_url=None)
+    identity = {**info, "rank": rank}
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            problems.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
+        return _error(422, "; ".join(problems), param="keys")
+
+    def keys_of(body: LookupBody) -> list[BlockKey]:
+        return [BlockKey(bytes.fromhex(k), rank) for k in body.keys]
+
+    def dram_run(keys: list[BlockKey]) -> int:
+        n = 0
+        for key in keys:
+            if stack.where(key) != "dram":
+                break
+            n += 1
+        return n
+
+    @app.get("/health")
+    def health() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.get("/symram/info")
+    def get_info() -> dict[str, Any]:
+        return identity
+
+    @app.post("/symram/lookup")
+    def lookup(body: LookupBody) -> dict[str, int]:
+        keys = keys_of(body)
+        disk_tier = getattr(stack, "disk", None)
+        dram = disk = held = 0
+        dram_open = disk_open = True
+        for key in keys:
+            tier = stack.where(key)
+            if tier is None:
+                break
+            held += 1
+            if dram_open and tier == "dram":
+                dram += 1
+            else:
+                dram_open = False
+            # The stack is inclusive: a DRAM page may have its disk copy too.
+            on_disk = tier == "disk" or (disk_tier is not None and disk_tier.exists(key))
+            if disk_open and on_disk:
+                disk += 1
+            else:
+                disk_open = False
+        return {"dram": dram, "disk": disk, "any": held}
+
+    @app.post("/symram/prefetch")
+    def prefetch(body: PrefetchBody) -> dict[str, Any]:
+        keys = keys_of(body)
+        before = sum(stack.where(k) == "dram" for k in keys)
+        started = time.monotonic()
+        future = stack.prefetch(keys)
+        done = True
+        try:
+            resident = int(future.result(timeout=body.wait_s))
+        except FutureTimeout:
+            done = False  # keeps running; the load that follows finds what it finished
+            resident = sum(stack.where(k) == "dram" for k in keys)
+        return {
+            "requested": len(keys),
+            "dram_resident": resident,
+            "promoted": max(resident - before, 0),
+            "done": done,
+            "seconds": round(time.monotonic() - started, 6),
+        }
+
+    @app.get("/symram/stats")
+    def stats() -> dict[str, float]:
+        return stack.stats()
+
+    return app
+
+
+class ControlServer:
+    """Runs the control app under uvicorn in a daemon thread."""
+
+    def __init__(self, stack: StackLike, *, rank: int = 0, info: dict[str, Any] | None = None):
+        info = dict(info or {})
+        missing = [name for name in INFO_FIELDS if name not in info]
+        if missing:
+            logger.warning("symram control: info lacks %s", ", ".join(missing))
+        self.rank = rank
+        self.app = build_control_app(stack, rank, info)
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self.url: str | None = None
+
+    def start(self, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 10.0) -> str:
+        """Listen on host:port (0 = any free port); returns the base URL once accepting.
+
+        Raises ``OSError`` naming the address when the port is taken."""
+        import uvicorn
+
+        if self._thread is not None:
+            raise RuntimeError("control server already started")
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(
+                exc.errno, f"symram control endpoint cannot listen on {host}:{port}: "
+                f"{exc.strerror or exc} (is another engine or rank using this port?)"
+            ) from exc
+        sock.listen(128)
+        sock.setblocking(False)
+        bound_port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app, loop="asyncio", http="h11", lifespan="off", log_level="warning",
+            access_log=False,
+        )
+        server = uvicorn.Server(config)
+        # uvicorn installs signal handlers only on the main thread: the engine's stay.
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name=f"symram-control-r{self.rank}",
+            daemon=True,
+        )
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                sock.close()
+                raise RuntimeError(f"symram control endpoint on {host}:{port} did not start")
+            time.sleep(0.01)
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{bound_port}"
+        return self.url
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self._server is None or self._thread is None:
+            return
+        self._server.should_exit = True
+        self._thread.join(timeout_s)
+        self._server = None
+        self._thread = None

