@@ -1,5 +1,5 @@
 # symram: two commands for a newcomer.
-#   make run   set up, build the demo model, start vLLM + symram on embedded defaults
+#   make run   set up, build the demo model, start the stack (redis + vLLM/symram + gateway)
 #   make test  set up and run the test suite
 SHELL := /bin/bash
 VENV ?= .venv
@@ -8,7 +8,7 @@ SIZE ?= mid
 MODEL_DIR ?= .symram/models/$(SIZE)
 PORT ?= 8000
 
-.PHONY: setup run test test-fast lint bench-ttft model clean
+.PHONY: setup run serve test test-fast lint bench-ttft bench-codecs bench-directory bench-gateway model clean ab ab-smoke up
 
 setup:
 	@bash scripts/setup.sh
@@ -16,7 +16,11 @@ setup:
 model: setup
 	@$(VENV)/bin/symram demo-model $(MODEL_DIR) --size $(SIZE)
 
-run: model
+run: setup
+	@$(VENV)/bin/symram up --size $(SIZE) --port $(PORT) $(UP_ARGS)
+
+# One engine, no gateway or Redis: `symram serve` with the connector (the pre-gateway run).
+serve: model
 	@$(VENV)/bin/symram serve $(MODEL_DIR) --port $(PORT)
 
 test: setup
@@ -30,6 +34,27 @@ lint: setup
 
 bench-ttft: setup
 	@$(PY) -m loadtest.bench_ttft
+
+bench-codecs: setup
+	@$(PY) -m loadtest.bench_codecs
+
+bench-directory: setup
+	@$(PY) -m loadtest.bench_directory
+
+# Latency the gateway adds over direct calls to a stub engine, and 1,000 concurrent
+# streams through it (~1 min); results in loadtest/results/gateway.json.
+bench-gateway: setup
+	@$(PY) -m loadtest.bench_gateway $(BENCH_ARGS)
+
+# Locust A/B: vanilla vLLM vs vLLM+symram (mid model, ~20-25 min on 2 cores); results
+# in loadtest/results/ab.{json,md} and ab_*.png. ab-smoke: tiny model, ~3 min.
+ab: setup
+	@$(PY) -m loadtest.ab $(AB_ARGS)
+
+ab-smoke: setup
+	@$(PY) -m loadtest.ab --smoke $(AB_ARGS)
+
+up: run
 
 clean:
 	rm -rf .symram test-artifacts

@@ -14,6 +14,8 @@ EPILOG = """examples:
   symram serve .symram/models/mid --port 8000
   symram serve MODEL --kv-connector symram --dram-bytes 16GiB -- --max-model-len 8192
   symram doctor
+  symram up                      # redis + vLLM/symram engine(s) + gateway on :8000
+  symram ab --smoke              # Locust A/B: vanilla vLLM vs vLLM+symram
 """
 
 
@@ -71,6 +73,35 @@ def _cmd_doctor(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_up(args: argparse.Namespace) -> int:
+    from symram_vllm.serving.stack import UpOptions, up
+
+    options = UpOptions(
+        model=args.model, size=args.size, instances=args.instances, host=args.host,
+        port=args.port, dram_bytes=args.dram_bytes, disk_bytes=args.disk_bytes,
+        state_dir=args.state_dir, redis=not args.no_redis, gateway=not args.no_gateway,
+        vllm_args=list(getattr(args, "vllm_args", [])),
+    )
+    return up(options)
+
+
+def _cmd_ab(args: argparse.Namespace) -> int:
+    return run_ab(list(args.ab_args))
+
+
+def run_ab(argv: list[str]) -> int:
+    # The A/B runner lives in the repository's loadtest/, next to this package.
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "loadtest" / "ab.py").exists():
+        print("symram ab: loadtest/ab.py not found; run it from a symram checkout "
+              "(python -m loadtest.ab)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(root))
+    from loadtest.ab import main as ab_main
+
+    return ab_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="symram",
@@ -113,6 +144,34 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dry-run", action="store_true", help="print the vLLM command only")
     serve.set_defaults(func=_cmd_serve)
 
+    up = sub.add_parser(
+        "up",
+        help="start redis + vLLM/symram engine(s) + gateway; Ctrl-C stops all",
+        description="One-command local stack: redis-server (if installed), N vLLM + "
+        "symram engines with control ports and the Redis directory, and the gateway on "
+        "--port. Waits for health, prints the URL and a sample request; logs go to "
+        "STATE_DIR/logs. Arguments after `--` go to every vLLM engine.",
+    )
+    up.add_argument("--model", help="model path or name (default: the demo model)")
+    up.add_argument("--size", default="mid", help="demo model size when --model is unset")
+    up.add_argument("--instances", type=int, default=1, help="vLLM engines (default 1)")
+    up.add_argument("--host", default="127.0.0.1", help="gateway bind address")
+    up.add_argument("--port", type=int, default=8000, help="public (gateway) port")
+    up.add_argument("--dram-bytes", default="4GiB", help="DRAM tier budget per engine")
+    up.add_argument("--disk-bytes", default="8GiB", help="disk tier budget per engine (0: off)")
+    up.add_argument("--state-dir", type=Path, default=Path(".symram"),
+                    help="models, disk tiers and logs (default .symram)")
+    up.add_argument("--no-redis", action="store_true", help="embedded directory, no Redis")
+    up.add_argument("--no-gateway", action="store_true", help="serve engine 0 directly")
+    up.set_defaults(func=_cmd_up)
+
+    ab = sub.add_parser(
+        "ab", help="Locust A/B load test: vanilla vLLM vs vLLM+symram (python -m loadtest.ab)",
+        add_help=False,
+    )
+    ab.add_argument("ab_args", nargs=argparse.REMAINDER, help="options of python -m loadtest.ab")
+    ab.set_defaults(func=_cmd_ab)
+
     from symram_vllm.snapshot_cli import add_commands as add_snapshot_commands
 
     add_snapshot_commands(sub)
@@ -125,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ab"]:  # all of it, --help and `--` included, is the runner's
+        return run_ab(argv[1:])
     # Everything after `--` belongs to vLLM, untouched by our parser.
     passthrough: list[str] = []
     if "--" in argv:
