@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         "build with the same config hash is reused.",
     )
     demo.add_argument("path", nargs="?", help="output directory (default: ~/.cache/symram/models)")
-    demo.add_argument("--size", default="tiny", help="tiny (2 layers) or mid (8 layers, ~58M)")
+    demo.add_argument("--size", default="tiny", help="tiny (2 layers), mid (8 layers, ~58M) or "
+                      "tiny-induction (tiny with a copy circuit, for codec accuracy)")
     demo.add_argument("--force", action="store_true", help="rebuild even if cached")
     demo.set_defaults(func=_cmd_demo_model)
 

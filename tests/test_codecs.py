@@ -402,3 +402,37 @@ def test_padding_is_zeroed_so_equal_blocks_give_equal_pages(fmt):
     out = [torch.empty(1, 3, 128, dtype=torch.float16)]
     codec.decode(pages[1], out)
     assert torch.allclose(out[0].float(), kv[0][1].float(), rtol=0.07, atol=0.03)
+
+
+# -- zstd frames: truncation anywhere is caught ------------------------------------------
+@pytest.mark.parametrize("cut", [1, 4, 5, 100])
+def test_zstd_frame_cut_anywhere_is_corrupt(cut):
+    """Even a frame cut inside its 4-byte content checksum (which zstd's streaming
+    reader accepts) is rejected, and so are bytes after the frame."""
+    from symram_vllm.codecs.zstd import ZstdCodec
+
+    z = ZstdCodec(1)
+    page = torch.arange(20_000, dtype=torch.int64).remainder(7).to(torch.uint8)
+    frame = z.encode_buffer(page.numpy())
+    with pytest.raises(CorruptPageError):
+        z.decode_into(frame[:-cut], bytearray(page.numel()))
+    with pytest.raises(CorruptPageError):
+        z.decode_into(frame + b"\0", bytearray(page.numel()))
+    out = bytearray(page.numel())
+    z.decode_into(frame, out)
+    assert bytes(out) == page.numpy().tobytes()
+
+
+# -- the connector's page mover reports poisoned pages ---------------------------------------
+@pytest.mark.parametrize("codec", ["none", "int8", "fp8"])
+def test_page_mover_save_counts_nonfinite_groups(codec):
+    from symram_vllm.connectors.page_mover import PageMover
+
+    kv = caches()
+    kv[1][3, 0, 5, 0] = float("nan")  # one K group of block 3, layer 1
+    kv[0][3, 1, 7, -1] = float("inf")  # one V group of block 3, layer 0
+    mover = PageMover(KVLayout({f"layer{i}": c for i, c in enumerate(kv)}), codec)
+    slot = torch.empty(mover.page_bytes, dtype=torch.uint8)
+    assert mover.save(2, slot) == 0
+    # codec none copies bytes unchecked; the quantized codecs count the poisoned groups
+    assert mover.save(3, slot) == (0 if codec == "none" else 2)

@@ -44,3 +44,46 @@ def test_refuses_unknown_size_and_foreign_dir(tmp_path):
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError):
         build_demo_model(foreign, "tiny")
+
+
+def test_random_weight_specs_keep_their_hash():
+    """Adding the `circuit` field must not move the cache key of existing models."""
+    import hashlib
+    import sys
+    from dataclasses import asdict
+
+    for size in ("tiny", "mid"):
+        fields = asdict(SIZES[size])
+        del fields["circuit"]
+        payload = json.dumps({"spec": fields, "python": list(sys.version_info[:2]),
+                              "format": 1}, sort_keys=True)
+        assert spec_hash(SIZES[size]) == hashlib.sha256(payload.encode()).hexdigest()[:16]
+    assert spec_hash(SIZES["tiny-induction"]) != spec_hash(SIZES["tiny"])
+
+
+def test_induction_model_continues_a_cued_stretch_from_its_kv():
+    """tiny-induction reads its greedy tokens out of the KV of earlier positions, by
+    clear margins: after a cue that repeats part of the prompt it continues that part,
+    and with another prefix in the cache it would say something else."""
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = build_demo_model(None, "tiny-induction")
+    config = AutoConfig.from_pretrained(path)
+    assert config.tie_word_embeddings and config.rope_parameters["rope_theta"] == 1e20
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    rng = random.Random(7)
+    for _ in range(3):
+        tokens = rng.sample(range(10, 4096), 300)
+        prefix, filler = tokens[:256], tokens[256:]
+        start = rng.randrange(0, 200)
+        prompt = prefix + filler + prefix[start : start + 8]
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                 output_scores=True, return_dict_in_generate=True)
+        assert out.sequences[0, len(prompt):].tolist() == prefix[start + 8 : start + 20]
+        for scores in out.scores:
+            top2 = scores[0].float().topk(2).values
+            assert float(top2[0] - top2[1]) > 3.0

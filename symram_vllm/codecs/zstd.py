@@ -7,6 +7,7 @@ page raises CorruptPageError instead of decoding to garbage KV.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import torch
 import zstandard
@@ -51,31 +52,38 @@ class ZstdCodec(ByteTransform):
         return torch.frombuffer(bytearray(self._compressor().compress(src)), dtype=torch.uint8)
 
     def decode(self, data: torch.Tensor, expected_nbytes: int) -> torch.Tensor:
-        frame = data.reshape(-1).cpu().contiguous().numpy()
+        out = torch.empty(expected_nbytes, dtype=torch.uint8)
+        self.decode_into(data.reshape(-1).cpu().contiguous().numpy(), out.numpy())
+        return out
+
+    def encode_buffer(self, src: memoryview | bytes) -> bytes:
+        """One frame of any bytes-like object (the disk tier compresses staged pages)."""
+        return self._compressor().compress(src)
+
+    def decode_into(self, frame: Any, out: Any) -> None:
+        """Decode the frame `frame` (bytes-like) into all of the writable buffer `out`,
+        which must be exactly the frame's content size. Raises CorruptPageError."""
+        dst = memoryview(out).cast("B")
+        expected_nbytes = len(dst)
         try:
             size = zstandard.frame_content_size(frame)
         except zstandard.ZstdError as exc:
             raise CorruptPageError(f"not a zstd frame: {exc}") from exc
         if size != expected_nbytes:
             raise CorruptPageError(f"zstd frame holds {size} bytes, expected {expected_nbytes}")
-        out = torch.empty(expected_nbytes, dtype=torch.uint8)
-        buf = out.numpy()
-        filled = 0
+        # decompressobj, not stream_reader: it reports whether the whole frame, checksum
+        # included, was consumed (a frame cut inside its checksum must not pass) and
+        # whether bytes follow it.
+        obj = self._decompressor().decompressobj()
         try:
-            with self._decompressor().stream_reader(frame) as reader:
-                while filled < expected_nbytes:
-                    n = reader.readinto(buf[filled:])
-                    if n == 0:
-                        break
-                    filled += n
-                # Reading past the content makes zstd check the frame checksum.
-                trailing = reader.read(1)
+            data = obj.decompress(frame)
         except zstandard.ZstdError as exc:
             raise CorruptPageError(f"zstd frame is corrupt: {exc}") from exc
-        if filled != expected_nbytes or trailing:
-            raise CorruptPageError(f"zstd frame decoded to {filled} bytes, expected "
-                                   f"{expected_nbytes}")
-        return out
+        if not obj.eof or obj.unused_data or len(data) != expected_nbytes:
+            raise CorruptPageError(
+                f"zstd frame is truncated or followed by {len(obj.unused_data)} extra bytes "
+                f"({len(data)} of {expected_nbytes} bytes decoded)")
+        dst[:] = data
 
     def max_encoded_size(self, nbytes: int) -> int:
         # ZSTD_COMPRESSBOUND plus the frame header and checksum.

@@ -33,12 +33,17 @@ class PageMover:
             self.codec = codec
         self.page_bytes = self.codec.encoded_size() if self.codec else layout.page_bytes
 
-    def save(self, block_id: int, slot: torch.Tensor) -> None:
-        """Engine block `block_id` (all layers) -> the flat uint8 page `slot`."""
+    def save(self, block_id: int, slot: torch.Tensor) -> int:
+        """Engine block `block_id` (all layers) -> the flat uint8 page `slot`.
+
+        Returns the page's count of scale groups that held inf/NaN (int8/fp8; they
+        decode as NaN): a caller should abort such a page rather than cache it. Codec
+        none copies bytes unchecked and returns 0."""
         if self.codec is None:
             self.layout.gather(block_id, slot)
-        else:
-            self.codec.encode_blocks(self.layout.caches, [block_id], slot.view(1, -1), [0])
+            return 0
+        metas = self.codec.encode_blocks(self.layout.caches, [block_id], slot.view(1, -1), [0])
+        return sum(m.nonfinite_groups for m in metas)
 
     def load(self, page: torch.Tensor, block_id: int) -> None:
         """The flat uint8 page -> engine block `block_id` (all layers)."""

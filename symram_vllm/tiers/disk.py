@@ -5,6 +5,11 @@ queue behind writes, so a slow disk slows saves, not loads. Every read is checke
 against the page header (magic, key, length, CRC32); a page that fails is a miss,
 counted in ``TierStats.integrity_failures`` and moved to ``quarantine/``.
 
+With ``compress: zstd`` the writer threads compress each page (lossless; kept only
+when it saves a 4 KiB block) and reads decompress it; the header records the stored
+length and a ``+zstd`` codec (``page_format``), and a frame that fails zstd's own
+checks is a corrupt page like any other.
+
 Writes go to a temp file, are fsynced, then renamed into place: a writer killed
 mid-write leaves only a temp file, which the next start deletes. An I/O error
 (ENOSPC, EROFS, EIO...) closes the write gate: writes are declined with a logged
@@ -14,6 +19,7 @@ warning while reads continue, and one write is retried after a back-off.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -27,8 +33,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from symram_vllm.codecs.base import CorruptPageError
+from symram_vllm.codecs.zstd import ZstdCodec
 from symram_vllm.keys import BlockKey
 from symram_vllm.snapshot import ManifestError, read_manifest, write_manifest
 from symram_vllm.tiers.aligned_io import (
@@ -65,6 +73,7 @@ from symram_vllm.tiers.page_format import (
     unpack_header,
     verify,
     verify_payload,
+    zstd_codec_name,
 )
 from symram_vllm.tiers.staging import StagingPool
 from symram_vllm.tiers.write_gate import WriteGate
@@ -102,6 +111,19 @@ class DiskTierConfig(BaseModel):
     progress_min_files: int = Field(2000, ge=0, description="Show a progress bar above this.")
     victim_window: int = Field(16, ge=1, description="LRU candidates a victim chooser sees.")
     codec: str = Field("none", description="Codec name recorded in headers by default.")
+    compress: Literal["none", "zstd"] = Field(
+        "none",
+        description="Lossless stage for pages on disk: zstd compresses each page in the "
+        "writer threads (kept only if it saves a 4 KiB block); reads decompress.",
+    )
+    zstd_level: int = Field(1, ge=-7, le=22, description="zstd level (not 0; negative = fast).")
+
+    @field_validator("zstd_level")
+    @classmethod
+    def _zstd_level(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("zstd level must be in [-7, -1] or [1, 22], not 0")
+        return value
 
 
 @dataclass(eq=False)
@@ -157,7 +179,8 @@ class DiskTier(Tier):
                 "dropped_writes", "write_errors", "read_errors", "quarantined",
                 "temp_files_removed", "vanished_files", "pages_scanned",
                 "pages_from_manifest", "manifest_rejected", "bytes_written", "bytes_read",
-                "foreign_files",
+                "foreign_files", "zstd_pages", "zstd_raw_bytes", "zstd_stored_bytes",
+                "zstd_incompressible",
             ),
             0,
         )
@@ -171,6 +194,10 @@ class DiskTier(Tier):
         # Taken before anything else touches the directory (raises DiskTierLocked).
         self._dir_lock = DirectoryLock(self.root) if self.root.is_dir() else None
         self._bounce = ThreadBuffers()
+        self._zstd = ZstdCodec(self.config.zstd_level) if self.config.compress == "zstd" else None
+        # Pages written compressed stay readable after a restart with compression off.
+        self._unzstd = self._zstd or ZstdCodec()
+        self._packed = ThreadBuffers()  # writer threads: header + compressed payload
         self._quarantine = Quarantine(self.quarantine_dir, self.config.quarantine_max_files)
         self._staging = StagingPool(self.config.write_workers + self.config.write_queue)
         self._writer = ThreadPoolExecutor(self.config.write_workers, "symram-disk-write")
@@ -454,9 +481,10 @@ class DiskTier(Tier):
     def _write(self, staged: _Staged) -> bool:
         if staged.cancelled:
             return False
+        header, data = self._pack(staged)
         if not self.gate.allow():
             return self._declined()
-        key, need = staged.key, staged.header.file_bytes
+        key, need = staged.key, header.file_bytes
         if need > self.budget_bytes:
             self.gate.abandon()
             return self._declined()
@@ -478,14 +506,14 @@ class DiskTier(Tier):
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(self._tmp_seq)}{TMP_SUFFIX}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.io.write_new(tmp, staged.buf.view(need), self.config.fsync)
+            self.io.write_new(tmp, data, self.config.fsync)
             with self._lock:
                 if staged.cancelled:  # deleted while in flight
                     unlink_quietly(tmp)
                     self.gate.abandon()
                     return False
                 os.replace(tmp, path)
-                h = staged.header
+                h = header
                 entry = DiskEntry(need, h.payload_len, h.payload_crc, h.codec, h.position)
                 self._index[key] = entry
                 self._bytes_used += need
@@ -502,6 +530,33 @@ class DiskTier(Tier):
                 self._reserved -= need
         self.gate.succeeded()
         return True
+
+    def _pack(self, staged: _Staged) -> tuple[PageHeader, memoryview]:
+        """The header and file bytes to write: the staged page as is, or zstd-compressed
+        into this writer thread's own aligned buffer (the staged buffer stays raw, as
+        reads of a pending page serve it)."""
+        raw = staged.header
+        if self._zstd is None or raw.codec.split("+")[-1].split(":")[0] == "zstd":
+            # Off, or the caller's codec already ends in zstd (a chain codec's page).
+            return raw, staged.buf.view(raw.file_bytes)
+        frame = self._zstd.encode_buffer(staged.buf.view(raw.payload_len, HEADER_BYTES))
+        with self._lock:
+            self._counters["zstd_raw_bytes"] += raw.payload_len
+            if align_up(len(frame)) >= align_up(raw.payload_len):
+                self._counters["zstd_incompressible"] += 1
+                self._counters["zstd_stored_bytes"] += raw.payload_len
+                return raw, staged.buf.view(raw.file_bytes)
+            self._counters["zstd_pages"] += 1
+            self._counters["zstd_stored_bytes"] += len(frame)
+        header = dataclasses.replace(
+            raw, codec=zstd_codec_name(raw.codec), payload_crc=checksum(frame),
+            stored_len=len(frame),
+        )
+        buf = self._packed.get(header.file_bytes)
+        buf.view(len(frame), HEADER_BYTES)[:] = frame
+        pack_header(header, buf.view(HEADER_BYTES))
+        buf.array[HEADER_BYTES + len(frame) : header.file_bytes] = 0
+        return header, buf.view(header.file_bytes)
 
     def _make_room_locked(self, need: int, trash: list[Path]) -> list[BlockKey] | None:
         """Evict until `need` more bytes fit; the victims, or None if pins prevent it.
@@ -562,8 +617,11 @@ class DiskTier(Tier):
             raise ValueError(f"out holds {out.numel()} {out.dtype}, page is {length} uint8")
         # Straight into `out` when the kernel accepts it (saves a copy); else bounce.
         span = align_up(length) if self.io.direct else length
+        # A page stored zstd-compressed is smaller on disk than its length needs.
+        packed = entry.file_bytes < HEADER_BYTES + align_up(length)
         into_out = (
-            out is not None
+            not packed
+            and out is not None
             and out.device.type == "cpu"
             and out.numel() >= span
             and (is_aligned(out) if self.io.direct else out.is_contiguous())
@@ -578,14 +636,21 @@ class DiskTier(Tier):
                 payload = dst[:length]
             else:
                 n = self.io.read_into(path, [bounce.view(entry.file_bytes)])
-                payload = bounce.view(length, HEADER_BYTES)
+                payload = bounce.view(min(length, entry.file_bytes - HEADER_BYTES), HEADER_BYTES)
             if n < HEADER_BYTES:
                 raise PageCorrupt("truncated", f"{n} bytes, shorter than a header")
             header = unpack_header(bounce.view(HEADER_BYTES))
             verify(header, key, n)
             if header.payload_len != length:
                 raise PageCorrupt("length", f"header says {header.payload_len}, index {length}")
+            if header.compressed != packed:
+                raise PageCorrupt("length", f"{header.stored_bytes} bytes stored, index "
+                                  f"expects {entry.file_bytes - HEADER_BYTES} on disk")
+            if packed:
+                payload = bounce.view(header.stored_bytes, HEADER_BYTES)
             verify_payload(header, payload)
+            if packed:
+                return self._unpack(payload, length, out)
         except FileNotFoundError:
             self._forget(key, entry, "vanished_files")
             return None
@@ -604,6 +669,20 @@ class DiskTier(Tier):
             assert out is not None
             return out if out.numel() == length else out[:length]
         return _deliver(bounce.tensor[HEADER_BYTES : HEADER_BYTES + length], out)
+
+    def _unpack(self, frame: memoryview, length: int, out: torch.Tensor | None) -> torch.Tensor:
+        """Decompress a verified zstd payload into `out` (or a new tensor). A frame that
+        passed its CRC but fails zstd's own checks raises PageCorrupt (a miss)."""
+        target = torch.empty(length, dtype=torch.uint8) if out is None else out[:length]
+        direct = target.is_contiguous() and target.device.type == "cpu"
+        dst = target if direct else torch.empty(length, dtype=torch.uint8)
+        try:
+            self._unzstd.decode_into(frame, tensor_memoryview(dst))
+        except CorruptPageError as exc:
+            raise PageCorrupt("zstd", str(exc)) from exc
+        if dst is not target:
+            target.copy_(dst)
+        return target
 
     def _forget(self, key: BlockKey, entry: DiskEntry, counter: str | None) -> bool:
         """Drop `key` if the index still maps it to `entry` (not a newer write)."""

