@@ -119,8 +119,26 @@ class SymramConfig(BaseSettings):
         default=None,
         description="Shared block directory, e.g. redis://host:6379/0; unset = in-process.",
     )
+    disk_share: bool = Field(
+        default=True,
+        description="Engines given the same disk_path share it: each writes its own "
+        "slot directory and reads the others' pages (verified, read-only); with a Redis "
+        "directory they find each other's disk pages through it.",
+    )
+    redis_pages_bytes: int = Field(
+        default=0,
+        description="Fleet-wide budget of the Redis page tier (pages written on save, "
+        "read on a local miss); 0 = off. Needs redis_pages_url or directory_url.",
+    )
+    redis_pages_url: str | None = Field(
+        default=None,
+        description="Redis for the page tier; unset = directory_url.",
+    )
+    redis_pages_queue: int = Field(
+        default=64, ge=1, description="Pages waiting to be written to Redis (then dropped)."
+    )
 
-    @field_validator("dram_bytes", "disk_bytes", mode="before")
+    @field_validator("dram_bytes", "disk_bytes", "redis_pages_bytes", mode="before")
     @classmethod
     def _bytes(cls, value: Any) -> int:
         return parse_bytes(value)

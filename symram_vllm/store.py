@@ -1,18 +1,21 @@
 """TieredStore: the worker-side home of KV pages (put / get / contains / pin / evict).
 
-It owns the tier stack (DRAM over an optional NVMe tier) and reports what it gained
-and lost as *events* (chain keys stored / removed from every tier), which the
-connector forwards to the scheduler-side directory. It knows keys and bytes, not vLLM.
+It owns the tier stack (DRAM over an optional NVMe tier, over optional remote tiers:
+other engines' disk slots and the Redis page tier) and reports what it gained and
+lost as *events* (chain keys stored / removed from every local tier, and keys that
+entered or left the tiers other engines can read), which the connector forwards to
+the scheduler-side directory. It knows keys and bytes, not vLLM.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,16 +23,24 @@ from symram_vllm.keys import BlockKey
 from symram_vllm.policy import PolicyConfig
 from symram_vllm.tiers.disk import DiskTier
 from symram_vllm.tiers.dram import DramTier
-from symram_vllm.tiers.stack import TierStack
+from symram_vllm.tiers.stack import RemoteTier, TierStack
+
+if TYPE_CHECKING:
+    from symram_vllm.tiers.peer_redis import RedisPages
 
 
 @dataclass
 class StoreEvents:
     stored: list[bytes] = field(default_factory=list)
     removed: list[bytes] = field(default_factory=list)
+    # Tiers other engines can read: this worker's disk slot, the Redis page tier.
+    disk_stored: list[bytes] = field(default_factory=list)
+    disk_removed: list[bytes] = field(default_factory=list)
+    redis_stored: list[bytes] = field(default_factory=list)
+    redis_removed: list[bytes] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.stored or self.removed)
+        return any(self.__dict__.values())
 
 
 @dataclass
@@ -60,8 +71,16 @@ class TieredStore:
         disk: DiskTier | None = None,
         policy: PolicyConfig | None = None,
         pin_memory: bool | None = None,
+        remotes: Sequence[RemoteTier] = (),
+        redis_pages: RedisPages | None = None,
     ) -> None:
         self.page_bytes = page_bytes
+        self.redis_pages = redis_pages
+        all_remotes = list(remotes)
+        if redis_pages is not None:
+            redis_pages.on_stored = lambda keys: self._record("redis_stored", keys)
+            redis_pages.on_removed = lambda keys: self._record("redis_removed", keys)
+            all_remotes.append(redis_pages)
         self.stack = TierStack(
             page_bytes,
             dram_bytes,
@@ -69,6 +88,9 @@ class TieredStore:
             config=policy,
             pin_memory=pin_memory,
             on_removed=self._removed,
+            remotes=all_remotes,
+            remote_writer=redis_pages,
+            on_event=self._tier_event,
         )
         self._events = StoreEvents()
         self._lock = threading.Lock()
@@ -95,6 +117,32 @@ class TieredStore:
         # The stack calls this when a key has left every tier.
         with self._lock:
             self._events.removed.append(key.chain)
+
+    def _record(self, field_name: str, keys: Iterable[BlockKey]) -> None:
+        with self._lock:
+            getattr(self._events, field_name).extend(k.chain for k in keys)
+
+    def _tier_event(self, kind: str, keys: list[BlockKey]) -> None:
+        if kind == "remote_loaded":
+            # Promoted from another engine's tier: now in this worker's DRAM as well.
+            self._record("stored", keys)
+        elif kind in ("disk_stored", "disk_removed"):
+            self._record(kind, keys)
+
+    def readvertise(self, key: BlockKey) -> None:
+        """A save found `key` already held: report it again, so a directory that lost
+        it (Redis restarted or flushed) learns it back."""
+        self._record("stored", [key])
+        disk = self.stack.disk
+        if disk is not None and disk.entry(key) is not None:
+            self._record("disk_stored", [key])
+
+    def busy(self) -> bool:
+        """Tier writes are queued or running (their events are still to come)."""
+        disk = self.stack.disk
+        if disk is not None and not disk.write_queue_idle() and disk.gate.retry_in() <= 0:
+            return True
+        return self.redis_pages is not None and self.redis_pages.pending()
 
     def drain_events(self) -> StoreEvents:
         with self._lock:

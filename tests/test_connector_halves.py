@@ -174,6 +174,25 @@ def test_worker_save_then_load_is_bit_exact_and_reports_misses():
     assert counters["saved_blocks"] == 3 and gauges["dram_pages"] == 3
 
 
+def test_worker_never_stores_a_page_with_inf_or_nan_under_a_quantizing_codec():
+    from symram_vllm.connectors.metadata import BlockJob, SymramConnectorMetadata
+
+    kv = kv_caches(1)
+    kv["layer1"][2, 1, 5, 7] = float("inf")
+    kv["layer0"][3, 0, 0, 0] = float("nan")
+    worker = WorkerSide(SymramConfig(dram_bytes=10 * 2 * 2 * BS * 64 * 2, codec="int8"),
+                        rank=0)
+    worker.register_kv_caches(kv)
+    keys = [bytes([i]) * 32 for i in range(3)]
+    worker.submit_saves(SymramConnectorMetadata(saves=[BlockJob("r1", [1, 2, 3], keys)]))
+    drain(worker)
+    meta = worker.build_worker_meta()
+    assert meta.stored == keys[:1] and meta.processed == keys
+    counters, gauges = worker.take_counters()
+    assert counters["saved_blocks"] == 1 and counters["nonfinite_pages"] == 2
+    assert gauges["dram_pages"] == 1
+
+
 def test_worker_holds_finished_requests_until_their_saves_complete():
     from symram_vllm.connectors.metadata import BlockJob, SymramConnectorMetadata
 

@@ -3,11 +3,18 @@
 It never touches KV bytes. It keeps a directory of chain keys the workers hold
 (fed by the workers' per-step metadata), answers "how many tokens can symram
 supply for this request", and turns each engine step into load and save jobs.
+
+With a shared (Redis) directory, "held" also covers blocks other engines put in a
+tier this engine's workers can read (``shared_tiers``: the Redis page tier, the
+disk slots of a shared disk_path). Promised loads are leased, so the page tier does
+not evict them before the copy; a load that finds no intact page anyway is a load
+error (vLLM recomputes) and the directory forgets the locations that misled it.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -15,7 +22,7 @@ from symram_vllm.connectors.kv_events import TierEventLog
 from symram_vllm.connectors.metadata import BlockJob, SymramConnectorMetadata, SymramWorkerMetadata
 from symram_vllm.directory import Directory, EmbeddedDirectory
 from symram_vllm.keys import chain_keys
-from symram_vllm.tiers.disk_layout import rank_directory, stored_keys
+from symram_vllm.tiers.disk_layout import rank_slot_directories, stored_keys
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
@@ -26,6 +33,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# A promised load holds a lease this long at most (released when the load finishes).
+LEASE_TTL_S = 30.0
+# Fleet-wide dedupe counters are read from the directory at most this often.
+DEDUPE_READ_INTERVAL_S = 1.0
+# After a worker said tier writes are still running, keep the engine stepping this
+# long (idle steps are throttled) so their events reach the directory while idle.
+PENDING_GRACE_S = 1.0
+IDLE_STEP_PAUSE_S = 0.01
+
 
 @dataclass
 class RequestState:
@@ -35,6 +51,8 @@ class RequestState:
     # Leading blocks already handled for saving (saved, scheduled, or present).
     save_cursor: int = 0
     has_jobs: bool = False
+    # Keys leased in the directory for this request's pending load.
+    leased: list[bytes] = field(default_factory=list)
 
 
 class SchedulerSide:
@@ -44,11 +62,26 @@ class SchedulerSide:
         block_size: int,
         config: SymramConfig,
         directory: Directory | None = None,
+        *,
+        page_bytes: int = 0,
+        disk_tier: str = "disk",
+        shared_tiers: frozenset[str] = frozenset(),
     ) -> None:
         self.signature_digest = signature_digest
         self.block_size = block_size
         self.config = config
-        self.directory = directory or EmbeddedDirectory()
+        # Not `directory or ...`: an empty directory is falsy (its __len__ is 0).
+        self.directory = directory if directory is not None else EmbeddedDirectory()
+        # Bytes of one page (all TP ranks' shards count once: dedupe is per block).
+        self.page_bytes = page_bytes
+        # The directory's name for this engine's disk tier: "disk.<store id>" when
+        # engines share the disk_path (then it is one of the shared tiers), else "disk".
+        self.disk_tier = disk_tier
+        self.shared_tiers = shared_tiers
+        self._counters: dict[str, float] = {}
+        self._worker_busy_until = 0.0
+        self._dedupe_read_at = float("-inf")
+        self._dedupe_gauges: dict[str, float] = {}
         self.kv_cache_manager: KVCacheManager | None = None
         self._requests: dict[str, RequestState] = {}
         self._pending_loads: list[BlockJob] = []
@@ -69,12 +102,21 @@ class SchedulerSide:
             return 0
         held: set[bytes] | None = None
         for rank in range(tp_size):
-            root = rank_directory(self.config.disk_path, self.signature_digest, rank)
-            keys = {key.chain for key in stored_keys(root) if key.rank == rank}
+            # Every slot: this engine's own and, on a shared disk_path, its peers'
+            # (the workers read those too).
+            roots = rank_slot_directories(self.config.disk_path, self.signature_digest, rank)
+            if not self.config.disk_share:
+                roots = roots[:1]
+            keys = {
+                key.chain for root in roots for key in stored_keys(root) if key.rank == rank
+            }
             held = keys if held is None else held & keys
         if held:
-            self.directory.add(held, "disk")
+            self.directory.add(held, self.disk_tier)
         return len(held or ())
+
+    def _count(self, name: str, n: float = 1) -> None:
+        self._counters[name] = self._counters.get(name, 0.0) + n
 
     # -- keys ----------------------------------------------------------------------------
     def _state(self, request: Request) -> RequestState:
@@ -98,14 +140,27 @@ class SchedulerSide:
         # vLLM must compute at least the last prompt token itself (it needs its logits).
         loadable_blocks = min(len(state.keys), (request.num_tokens - 1) // self.block_size)
         local_blocks = num_computed_tokens // self.block_size
+        self._release(state)  # vLLM asks again when it could not allocate last time
         if loadable_blocks <= local_blocks:
             return 0, False
         self.lookups += 1
-        held = self.directory.longest_prefix(state.keys[:loadable_blocks])
-        if held - local_blocks < self.config.min_load_blocks:
+        # Blocks vLLM already has need not be held by us: chain keys name the whole
+        # prefix, so the run to load starts right after them. The lease (a lookup
+        # that also protects) keeps shared pages from eviction until the copy ends.
+        wanted = state.keys[local_blocks:loadable_blocks]
+        held = self.directory.acquire_lease(wanted, LEASE_TTL_S)
+        if held < self.config.min_load_blocks:
+            if held:
+                self.directory.release_lease(wanted[:held])
             return 0, False
-        new_tokens = held * self.block_size - num_computed_tokens
-        return new_tokens, True
+        state.leased = list(wanted[:held])
+        self._count("lookup_hit_blocks", held)
+        return held * self.block_size + local_blocks * self.block_size - num_computed_tokens, True
+
+    def _release(self, state: RequestState) -> None:
+        if state.leased:
+            self.directory.release_lease(state.leased)
+            state.leased = []
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -126,7 +181,11 @@ class SchedulerSide:
             BlockJob(request.request_id, list(block_ids), keys, list(range(start, start + count)))
         )
         state.has_jobs = True
-        # Loaded blocks are already in the store: never save them back.
+        # Loaded blocks are already in the store: never save them back. They still
+        # count as logical bytes for dedupe accounting (served, not stored again).
+        if self.page_bytes and start + count > state.save_cursor:
+            self.directory.record_store(keys[max(0, state.save_cursor - start) :],
+                                        self.page_bytes)
         state.save_cursor = max(state.save_cursor, start + count)
         self.hit_tokens += num_external_tokens
 
@@ -165,9 +224,17 @@ class SchedulerSide:
             return None
         block_ids = self.kv_cache_manager.get_block_ids(req_id)[0]
         job = BlockJob(req_id, [], [])
-        for index in range(state.save_cursor, min(full_blocks, len(block_ids))):
+        indexes = range(state.save_cursor, min(full_blocks, len(block_ids)))
+        if self.page_bytes and indexes:
+            # Every block that wants storing counts as logical bytes; only new ones
+            # as physical (fleet-wide with a Redis directory).
+            self.directory.record_store([state.keys[i] for i in indexes], self.page_bytes)
+        candidates = [i for i in indexes if state.keys[i] not in self._saving]
+        # One directory round trip for the whole step of this request.
+        where = self.directory.tiers_of_many([state.keys[i] for i in candidates])
+        for index, tiers in zip(candidates, where, strict=True):
             key = state.keys[index]
-            if key in self._saving or self.directory.tiers_of(key):
+            if tiers or key in self._saving:
                 continue
             self._saving.add(key)
             job.block_ids.append(block_ids[index])
@@ -180,23 +247,88 @@ class SchedulerSide:
         state.has_jobs = True
         return job
 
-    def update_connector_output(self, worker_meta: SymramWorkerMetadata | None) -> None:
+    def update_connector_output(
+        self,
+        worker_meta: SymramWorkerMetadata | None,
+        finished_recving: set[str] | frozenset[str] | None = None,
+    ) -> None:
+        for req_id in finished_recving or ():
+            state = self._requests.get(req_id)
+            if state is not None:
+                self._release(state)
         if worker_meta is None:
             return
+        self._worker_busy_until = time.monotonic() + PENDING_GRACE_S if worker_meta.pending else 0.0
+        directory = self.directory
         self._saving.difference_update(worker_meta.processed)
         if worker_meta.removed:
-            self.directory.remove(worker_meta.removed)
+            # Gone from this engine's DRAM and disk slot; a copy in Redis (or in a
+            # peer's slot) is still there, so only this engine's locations go.
+            directory.remove_own(worker_meta.removed, "dram")
+            directory.remove_own(worker_meta.removed, self.disk_tier)
             self.events.removed(worker_meta.removed)
+        if worker_meta.disk_removed:
+            directory.remove_own(worker_meta.disk_removed, self.disk_tier)
+        if worker_meta.redis_removed:
+            # One copy fleet-wide: evicted means gone for every engine.
+            directory.remove(worker_meta.redis_removed, "redis")
+            self._count("redis_removed_blocks", len(worker_meta.redis_removed))
+        if worker_meta.load_failed:
+            # The directory promised pages no tier could deliver intact: forget this
+            # engine's locations and the shared ones, so nobody is misled again.
+            failed = worker_meta.load_failed
+            directory.remove(failed)
+            for tier in self.shared_tiers:
+                directory.remove(failed, tier)
+            self._count("directory_stale_blocks", len(failed))
         if worker_meta.stored:
-            self.directory.add(worker_meta.stored, "dram")
+            directory.add(worker_meta.stored, "dram")
             self.events.stored(worker_meta.stored)
+        if worker_meta.disk_stored:
+            directory.add(worker_meta.disk_stored, self.disk_tier)
+        if worker_meta.redis_stored:
+            directory.add(worker_meta.redis_stored, "redis")
         stored = set(worker_meta.stored)
         self.events.dropped([k for k in worker_meta.processed if k not in stored])
 
     def request_finished(self, request: Request) -> bool:
         """True when workers may still be copying this request's blocks."""
         state = self._requests.pop(request.request_id, None)
-        if state is None or not state.has_jobs:
+        if state is None:
+            return False
+        self._release(state)
+        if not state.has_jobs:
             return False
         self._delayed_free.append(request.request_id)
         return True
+
+    def has_pending_work(self) -> bool:
+        """Workers are still writing pages to tiers other engines read: keep the engine
+        stepping (vLLM asks every loop) so the directory learns of them while idle.
+        Without live requests each idle step is paced, not a busy loop."""
+        if time.monotonic() >= self._worker_busy_until:
+            return False
+        if not self._requests:
+            time.sleep(IDLE_STEP_PAUSE_S)
+        return True
+
+    # -- reporting -------------------------------------------------------------------------
+    def take_stats(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(counters since the last call, gauges): lookups, leases, dedupe accounting."""
+        counters, self._counters = self._counters, {}
+        now = time.monotonic()
+        if now - self._dedupe_read_at >= DEDUPE_READ_INTERVAL_S:
+            self._dedupe_read_at = now
+            d = self.directory.dedupe()
+            gauges = {
+                "dedupe_logical_bytes": float(d.logical_bytes),
+                "dedupe_physical_bytes": float(d.physical_bytes),
+                "dedupe_logical_blocks": float(d.logical_blocks),
+                "dedupe_physical_blocks": float(d.physical_blocks),
+                "dedupe_ratio": d.ratio,
+            }
+            available = self.directory.stats().get("available")
+            if available is not None:
+                gauges["directory_available"] = available
+            self._dedupe_gauges = gauges
+        return counters, dict(self._dedupe_gauges)

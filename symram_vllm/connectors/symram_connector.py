@@ -28,6 +28,7 @@ from symram_vllm.connectors.vllm_stats import SymramConnectorStats, SymramPromMe
 from symram_vllm.connectors.worker import WorkerSide
 from symram_vllm.directory import Directory, make_directory
 from symram_vllm.keys import ModelSignature
+from symram_vllm.tiers.disk_layout import store_id
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -82,20 +83,64 @@ def ensure_reproducible_hashes(vllm_config: VllmConfig) -> str:
     )
 
 
-def _open_directory(config: SymramConfig, namespace: bytes) -> Directory:
+def shared_tier_names(config: SymramConfig) -> tuple[str, frozenset[str]]:
+    """(this engine's disk tier name in the directory, the tiers its workers can read
+    whatever engine wrote them).
+
+    The disk tier is "disk.<id of the storage behind disk_path>" when disk_share is on:
+    engines that mount the same filesystem read the same id, so they count each
+    other's disk pages and nobody else's (an engine with its own local disk at the same
+    path has another id). The Redis page tier is "redis" when this engine uses it."""
+    shared: set[str] = set()
+    disk_tier = "disk"
+    if config.disk_path is not None and config.disk_share:
+        sid = store_id(config.disk_path)
+        if sid is not None:
+            disk_tier = f"disk.{sid[:16]}"
+            shared.add(disk_tier)
+        else:
+            logger.warning(
+                "symram: cannot read or create the store id under %s; its disk pages are "
+                "not shared with other engines", config.disk_path,
+            )
+    if config.redis_pages_bytes > 0 and (config.redis_pages_url or config.directory_url):
+        shared.add("redis")
+    return disk_tier, frozenset(shared)
+
+
+def _open_directory(
+    config: SymramConfig, namespace: bytes, shared_tiers: frozenset[str]
+) -> Directory:
     """The block directory: in-process by default, Redis when directory_url is set.
 
-    Only this instance's own entries count as loadable for now (no shared tiers):
-    its worker cannot yet read pages another instance stored, so promising them
-    would only cost a failed load and a recompute."""
+    A block counts as loadable when this instance holds it, or when any instance put
+    it in one of `shared_tiers` (tiers this instance's workers can read)."""
     instance = config.instance_id or f"{socket.gethostname()}:{os.getpid()}"
     try:
         return make_directory(
             config.directory_url, namespace=namespace, instance_id=instance,
-            shared_tiers=frozenset(),
+            shared_tiers=shared_tiers,
         )
     except ValueError as exc:
         raise SymramStartupError(f"symram directory_url: {exc}") from exc
+
+
+def page_bytes_of(
+    codec: str, num_layers: int, block_elems: tuple[int, ...], dtype: torch.dtype, shards: int
+) -> int:
+    """Bytes of one block's pages over all TP shards (for dedupe accounting); 0 if the
+    codec cannot say."""
+    from symram_vllm.codecs import get_codec
+    from symram_vllm.codecs.base import FixedSizeCodec, PageGeometry
+
+    try:
+        geometry = PageGeometry(num_layers, *block_elems, dtype)
+        if codec == "none":
+            return geometry.page_bytes * shards
+        built = get_codec(codec, geometry, measure_error=False)
+        return built.encoded_size() * shards if isinstance(built, FixedSizeCodec) else 0
+    except (ValueError, TypeError):
+        return 0
 
 
 def _read_config(vllm_config: VllmConfig) -> SymramConfig:
@@ -173,20 +218,30 @@ class SymramConnector(KVConnectorBase_V1):
             ):
                 # A page that cannot be loaded must cost a recompute, never a request.
                 transfer.kv_load_failure_policy = "recompute"
+            disk_tier, shared = shared_tier_names(self.config)
+            spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
             self._scheduler = SchedulerSide(
                 signature.digest(), self.block_size, self.config,
-                directory=_open_directory(self.config, signature.digest()),
+                directory=_open_directory(self.config, signature.digest(), shared),
+                page_bytes=page_bytes_of(
+                    self.config.codec, signature.num_layers, block_elems, spec.dtype,
+                    signature.tp_size,
+                ),
+                disk_tier=disk_tier,
+                shared_tiers=shared,
             )
             seeded = self._scheduler.seed_from_disk(signature.tp_size)
             logger.info(
                 "symram scheduler: signature %s (%s), codec %s, DRAM budget %d bytes, disk %s "
-                "(%d blocks found)",
+                "(%d blocks found), directory %s, shared tiers %s",
                 signature.short(),
                 signature.kv_layout,
                 self.config.codec,
                 self.config.dram_bytes,
                 self.config.disk_path or "off",
                 seeded,
+                type(self._scheduler.directory).__name__,
+                ", ".join(sorted(shared)) or "none",
             )
         else:
             rank = vllm_config.parallel_config.rank
@@ -264,9 +319,12 @@ class SymramConnector(KVConnectorBase_V1):
         return self._worker.build_worker_meta() if self._worker is not None else None
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
-        if self._worker is None:
+        if self._scheduler is not None:
+            counters, gauges = self._scheduler.take_stats()
+        elif self._worker is not None:
+            counters, gauges = self._worker.take_counters()
+        else:
             return None
-        counters, gauges = self._worker.take_counters()
         stats = SymramConnectorStats()
         for name, value in counters.items():
             if value:
@@ -278,6 +336,8 @@ class SymramConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+        if self._scheduler is not None:
+            self._scheduler.directory.close()
 
     # ------------------------------------------------------------- scheduler side
     def bind_kv_cache_manager(self, kv_cache_manager: KVCacheManager) -> None:
@@ -305,7 +365,8 @@ class SymramConnector(KVConnectorBase_V1):
         assert self._scheduler is not None
         meta = connector_output.kv_connector_worker_meta
         self._scheduler.update_connector_output(
-            meta if isinstance(meta, SymramWorkerMetadata) else None
+            meta if isinstance(meta, SymramWorkerMetadata) else None,
+            connector_output.finished_recving,
         )
 
     def request_finished(
@@ -313,6 +374,11 @@ class SymramConnector(KVConnectorBase_V1):
     ) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
         return self._scheduler.request_finished(request), None
+
+    def has_pending_push_work(self) -> bool:
+        # Pages still being written to disk or Redis: a few more steps deliver their
+        # events, so other engines can find them even if this one goes idle.
+        return self._scheduler is not None and self._scheduler.has_pending_work()
 
     def take_events(self) -> Iterable[KVCacheEvent]:
         # symram's tiers in vLLM's KV event stream (--kv-events-config publishes it).

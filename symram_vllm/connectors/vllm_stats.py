@@ -23,6 +23,7 @@ COUNTERS: dict[str, str] = {
     "load_failed_blocks": "KV blocks whose load failed (vLLM recomputed them)",
     "saved_blocks": "KV blocks saved from the engine into symram tiers",
     "save_skipped_blocks": "KV blocks not saved (already stored, or no room)",
+    "nonfinite_pages": "KV blocks not saved because they held inf/NaN (int8/fp8 codecs)",
     "load_bytes": "Bytes copied from symram tiers into the engine",
     "save_bytes": "Bytes copied from the engine into symram tiers",
     "load_seconds": "Seconds spent copying pages into the engine",
@@ -40,6 +41,17 @@ COUNTERS: dict[str, str] = {
     "disk_write_errors": "Disk tier write errors (ENOSPC, EIO, ...)",
     "disk_bytes_written": "Bytes written to the disk tier",
     "disk_bytes_read": "Bytes read from the disk tier",
+    "remote_hits": "Page reads served by another engine's tier (peer disk slot or Redis)",
+    "peer_disk_hits": "Page reads served from another engine's slot of a shared disk_path",
+    "redis_hits": "Page reads served from the Redis page tier",
+    "peer_disk_integrity_failures": "Peer disk pages that failed verification (not used)",
+    "redis_pages_written": "Pages written to the Redis page tier",
+    "redis_pages_write_dropped": "Redis page writes dropped (queue full or Redis down)",
+    "redis_pages_write_rejected": "Redis page writes refused (budget, outage)",
+    "redis_pages_evicted": "Pages this engine's writes evicted from the Redis page tier",
+    "lookup_hit_blocks": "Blocks the directory promised for loading (own and shared tiers)",
+    "redis_removed_blocks": "Redis page-tier evictions removed from the directory",
+    "directory_stale_blocks": "Directory locations dropped because a load could not use them",
 }
 GAUGES: dict[str, str] = {
     "dram_pages": "Pages resident in the DRAM tier",
@@ -52,6 +64,13 @@ GAUGES: dict[str, str] = {
     "disk_writes_disabled": "1 while disk writes are stopped by an I/O error",
     "get_p50_seconds": "Median page get latency",
     "get_p95_seconds": "95th percentile page get latency",
+    "peer_disk_slots": "Other engines' slot directories readable on the shared disk_path",
+    "dedupe_logical_bytes": "Bytes requested to be stored (every block, every request)",
+    "dedupe_physical_bytes": "Bytes of distinct blocks stored (fleet-wide with Redis)",
+    "dedupe_logical_blocks": "Blocks requested to be stored",
+    "dedupe_physical_blocks": "Distinct blocks stored",
+    "dedupe_ratio": "Logical over physical bytes",
+    "directory_available": "1 while the block directory (Redis) is reachable",
 }
 
 

@@ -17,7 +17,12 @@ from symram_vllm.config import SymramConfig
 from symram_vllm.connectors.metadata import BlockJob, SymramConnectorMetadata, SymramWorkerMetadata
 from symram_vllm.connectors.page_mover import PageMover
 from symram_vllm.connectors.transfer import TransferRunner
-from symram_vllm.connectors.worker_tiers import open_disk_tier, start_control_server, tier_report
+from symram_vllm.connectors.worker_tiers import (
+    open_disk_tier,
+    open_remote_tiers,
+    start_control_server,
+    tier_report,
+)
 from symram_vllm.keys import BlockKey
 from symram_vllm.layout import KVLayout, LayoutError
 from symram_vllm.store import TieredStore
@@ -34,6 +39,10 @@ class JobResult:
     failed_block_ids: list[int] = field(default_factory=list)
     processed_keys: list[bytes] = field(default_factory=list)
     skipped: int = 0
+    # Pages not stored because the KV held inf/NaN (a quantized page would decode to NaN).
+    nonfinite: int = 0
+    # The chain key whose page could not be loaded (none of the tiers had it intact).
+    failed_keys: list[bytes] = field(default_factory=list)
 
 
 class WorkerSide:
@@ -80,14 +89,16 @@ class WorkerSide:
             return
         self.layout, self.mover = layout, mover
         disk = open_disk_tier(self.config, self.namespace, self.rank)
+        remotes, redis_pages = open_remote_tiers(self.config, self.namespace, self.rank, disk)
         self.store = TieredStore(
-            mover.page_bytes, self.config.dram_bytes, disk=disk, policy=self.config.policy
+            mover.page_bytes, self.config.dram_bytes, disk=disk, policy=self.config.policy,
+            remotes=remotes, redis_pages=redis_pages,
         )
         self.runner = TransferRunner(layout.device, self.config.transfer_threads)
         self.control = start_control_server(self.config, self.store, self.rank, self.info)
         logger.info(
             "symram worker rank %d: %d layers, page %d bytes (codec %s), DRAM tier %d pages "
-            "(%s pinned), disk tier %s",
+            "(%s pinned), disk tier %s, remote tiers %s",
             self.rank,
             len(layout.layers),
             mover.page_bytes,
@@ -95,6 +106,7 @@ class WorkerSide:
             self.store.dram.num_slots,
             "" if self.store.dram.pinned else "not",
             disk.root if disk is not None else "off",
+            ", ".join(r.name for r in self.store.stack.remotes) or "none",
         )
 
     def _disable(self, reason: str) -> None:
@@ -163,6 +175,7 @@ class WorkerSide:
                 # vLLM recomputes from the first failed block on; later blocks are
                 # unusable without it, so report them all.
                 result.failed_block_ids.extend(job.block_ids[index:])
+                result.failed_keys.append(chain)
                 break
             try:
                 self.mover.load(page, block_id)
@@ -186,12 +199,21 @@ class WorkerSide:
             parent = key
             if slot is None:
                 result.skipped += 1
+                if self.store.contains(key):
+                    self.store.readvertise(key)
                 continue
             try:
-                self.mover.save(block_id, slot)
+                nonfinite_groups = self.mover.save(block_id, slot)
             except BaseException:
                 self.store.abort(key)
                 raise
+            if nonfinite_groups:
+                # Never cache a poisoned page: a later hit would hand NaN to attention
+                # where recomputation gives the engine's own (equally non-finite, but
+                # not persisted) result.
+                self.store.abort(key)
+                result.nonfinite += 1
+                continue
             self.store.commit(key)
             result.moved_blocks += 1
         result.moved_bytes = result.moved_blocks * self.mover.page_bytes
@@ -236,11 +258,13 @@ class WorkerSide:
             self._counters["load_seconds"] += result.seconds
             self._counters["load_failed_blocks"] += len(result.failed_block_ids)
             self._load_errors.update(result.failed_block_ids)
+            self._failed_keys.extend(result.failed_keys)
         else:
             self._counters["saved_blocks"] += result.moved_blocks
             self._counters["save_bytes"] += result.moved_bytes
             self._counters["save_seconds"] += result.seconds
             self._counters["save_skipped_blocks"] += result.skipped
+            self._counters["nonfinite_pages"] += result.nonfinite
             self._processed.extend(result.processed_keys)
 
     def take_load_errors(self) -> set[int]:
@@ -251,14 +275,20 @@ class WorkerSide:
     def build_worker_meta(self) -> SymramWorkerMetadata | None:
         with self._lock:
             processed, self._processed = self._processed, []
+            failed, self._failed_keys = self._failed_keys, []
         events = self.store.drain_events() if self.store is not None else None
-        if not processed and not events:
+        pending = self.store is not None and self.store.busy()
+        if not processed and not events and not failed and not pending:
             return None
-        return SymramWorkerMetadata(
-            stored=list(events.stored) if events else [],
-            removed=list(events.removed) if events else [],
-            processed=processed,
-        )
+        meta = SymramWorkerMetadata(processed=processed, load_failed=failed, pending=pending)
+        if events:
+            meta.stored = events.stored
+            meta.removed = events.removed
+            meta.disk_stored = events.disk_stored
+            meta.disk_removed = events.disk_removed
+            meta.redis_stored = events.redis_stored
+            meta.redis_removed = events.redis_removed
+        return meta
 
     def take_counters(self) -> tuple[dict[str, float], dict[str, float]]:
         """Counters since the last call, and current gauges."""

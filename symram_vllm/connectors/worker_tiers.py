@@ -1,5 +1,7 @@
-"""Worker-side set-up and reporting of the tiers: the disk tier's directory, the
-control endpoint, and the mapping of tier stats to symram's metric names.
+"""Worker-side set-up and reporting of the tiers: the disk tier's directory (its slot
+under a disk_path several engines may share), the remote tiers (other engines' disk
+slots, the Redis page tier), the control endpoint, and the mapping of tier stats to
+symram's metric names.
 
 Failures here never stop the engine: a disk tier that cannot open leaves DRAM
 serving (with an error in the log saying why), a control port that is taken leaves
@@ -14,7 +16,7 @@ from typing import Any
 from symram_vllm.config import SymramConfig
 from symram_vllm.store import TieredStore
 from symram_vllm.tiers.disk import DiskTier, DiskTierLocked
-from symram_vllm.tiers.disk_layout import rank_directory
+from symram_vllm.tiers.disk_layout import MAX_SLOTS, rank_directory, slot_directory
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,14 @@ TOTALS: dict[str, str] = {
     "disk_write_errors": "disk_write_errors",
     "disk_bytes_written": "disk_bytes_written",
     "disk_bytes_read": "disk_bytes_read",
+    "remote_hits": "stack_remote_hits",
+    "peer_disk_hits": "stack_peer_disk_hits",
+    "redis_hits": "stack_redis_hits",
+    "peer_disk_integrity_failures": "peer_disk_integrity_failures",
+    "redis_pages_written": "redis_writes",
+    "redis_pages_write_dropped": "redis_write_dropped",
+    "redis_pages_write_rejected": "redis_write_rejected",
+    "redis_pages_evicted": "redis_evicted",
 }
 GAUGES: dict[str, str] = {
     "dram_pages": "dram_pages",
@@ -45,6 +55,7 @@ GAUGES: dict[str, str] = {
     "disk_writes_disabled": "disk_writes_disabled",
     "get_p50_seconds": "get_p50_s",
     "get_p95_seconds": "get_p95_s",
+    "peer_disk_slots": "peer_disk_peers",
 }
 
 
@@ -56,23 +67,76 @@ def tier_report(stats: dict[str, float]) -> tuple[dict[str, float], dict[str, fl
 
 
 def open_disk_tier(config: SymramConfig, namespace: bytes, rank: int) -> DiskTier | None:
+    """This engine's disk tier: the first slot directory of `rank` no live engine holds
+    (slot 0 unless another engine shares the disk_path and got there first)."""
     if config.disk_path is None:
         return None
-    root = rank_directory(config.disk_path, namespace, rank)
     disk_config = config.disk.model_copy(update={"codec": config.codec})
-    try:
-        return DiskTier(root, config.disk_bytes, config=disk_config)
-    except DiskTierLocked as exc:
-        logger.error(
-            "symram rank %d: disk tier %s is in use by another engine (%s); serving from "
-            "DRAM only. Give each engine its own disk_path.", rank, root, exc,
-        )
-    except (OSError, ValueError) as exc:
-        logger.error(
-            "symram rank %d: cannot open disk tier %s (%s); serving from DRAM only",
-            rank, root, exc,
-        )
+    slots = MAX_SLOTS if config.disk_share else 1
+    for slot in range(slots):
+        root = slot_directory(config.disk_path, namespace, rank, slot)
+        try:
+            tier = DiskTier(root, config.disk_bytes, config=disk_config)
+        except DiskTierLocked as exc:
+            if slot + 1 < slots:
+                continue
+            logger.error(
+                "symram rank %d: disk tier %s is in use by another engine (%s); serving "
+                "from DRAM only. Give each engine its own disk_path, or set "
+                "disk_share=true.", rank, root, exc,
+            )
+        except (OSError, ValueError) as exc:
+            logger.error(
+                "symram rank %d: cannot open disk tier %s (%s); serving from DRAM only",
+                rank, root, exc,
+            )
+        else:
+            if slot:
+                logger.info(
+                    "symram rank %d: %s is shared with other engines; writing slot %s",
+                    rank, rank_directory(config.disk_path, namespace, rank).parent, root.name,
+                )
+            return tier
+        break
     return None
+
+
+def open_remote_tiers(
+    config: SymramConfig, namespace: bytes, rank: int, disk: DiskTier | None
+) -> tuple[list[Any], Any]:
+    """(remote tiers read on a local miss, the Redis page writer or None).
+
+    Peer disk slots when the disk_path is shared; the Redis page tier when
+    redis_pages_bytes > 0. Neither may stop the engine: a failure is logged and
+    the tier left out."""
+    remotes: list[Any] = []
+    if config.disk_path is not None and config.disk_share:
+        from symram_vllm.tiers.peer_disk import PeerDiskReader
+
+        remotes.append(PeerDiskReader(
+            config.disk_path, namespace, rank,
+            own_root=disk.root if disk is not None else None, codec=config.codec,
+        ))
+    pages = None
+    url = config.redis_pages_url or config.directory_url
+    if config.redis_pages_bytes > 0:
+        if not url:
+            logger.error(
+                "symram rank %d: redis_pages_bytes is set but neither redis_pages_url nor "
+                "directory_url names a Redis; the Redis page tier is off", rank,
+            )
+        else:
+            try:
+                from symram_vllm.tiers.peer_redis import RedisPages
+                from symram_vllm.tiers.redis_tier import RedisPageTier
+
+                tier = RedisPageTier(
+                    url, namespace=namespace, capacity_bytes=config.redis_pages_bytes
+                )
+                pages = RedisPages(tier, queue_pages=config.redis_pages_queue)
+            except (ValueError, OSError) as exc:
+                logger.error("symram rank %d: Redis page tier off: %s", rank, exc)
+    return remotes, pages
 
 
 def start_control_server(

@@ -50,6 +50,12 @@ class Directory(ABC):
     def __len__(self) -> int: ...
 
     # -- optional ------------------------------------------------------------------------
+    def remove_own(self, chain_keys: Iterable[bytes], tier: str) -> None:
+        """Forget only *this instance's* location of `chain_keys` in `tier`, even in a
+        shared tier (other instances' copies, e.g. in their slots of a shared disk,
+        are still there). In-process there is only this instance: `remove`."""
+        self.remove(chain_keys, tier)
+
     def tiers_of_many(self, chain_keys: Sequence[bytes]) -> list[frozenset[str]]:
         """`tiers_of` for many keys (one round trip in a remote directory)."""
         return [self.tiers_of(key) for key in chain_keys]

@@ -191,6 +191,12 @@ class RedisDirectory(Directory):
         for chunk in _chunks(blocks, self.options.write_chunk):
             self.link.write(lambda r, c=chunk: self._remove(keys=c, args=args, client=r))
 
+    def remove_own(self, chain_keys: Iterable[bytes], tier: str) -> None:
+        args = [self.instance_id, check_name("tier", tier), "0"]
+        blocks = self._block_keys(list(chain_keys))
+        for chunk in _chunks(blocks, self.options.write_chunk):
+            self.link.write(lambda r, c=chunk: self._remove(keys=c, args=args, client=r))
+
     def _drop_args(self, tier: str | None) -> list[str]:
         if tier is None:
             return [self.instance_id, "", "0"]

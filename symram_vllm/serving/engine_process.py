@@ -64,13 +64,19 @@ class EngineServer:
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout_s: float = 600) -> EngineServer:
+    def launch(self) -> EngineServer:
+        """Start the server process without waiting for it (see `start_all`)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
             start_new_session=True, preexec_fn=die_with_parent,
         )
+        return self
+
+    def wait_healthy(self, timeout_s: float = 600) -> EngineServer:
+        """Poll /health; stop the server and raise if it exits or times out."""
+        assert self.process is not None, "launch() first"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -83,6 +89,9 @@ class EngineServer:
             time.sleep(1)
         self.stop()
         raise TimeoutError(f"server not healthy in {timeout_s}s; see {self.log_path}")
+
+    def start(self, timeout_s: float = 600) -> EngineServer:
+        return self.launch().wait_healthy(timeout_s)
 
     def stop(self) -> None:
         if self.process is None:
@@ -119,3 +128,14 @@ class EngineServer:
         response = httpx.post(f"{self.base_url}/v1/completions", json=body, timeout=300)
         response.raise_for_status()
         return response.json()
+
+
+def start_all(*engines: EngineServer, timeout_s: float = 600) -> None:
+    """Start several servers at once (their start-ups overlap) and wait for all.
+
+    Call it from the main thread: PR_SET_PDEATHSIG fires when the *thread* that forked
+    a child exits, so launching from a helper thread would kill the engines with it."""
+    for engine in engines:
+        engine.launch()
+    for engine in engines:
+        engine.wait_healthy(timeout_s)

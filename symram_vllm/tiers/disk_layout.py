@@ -198,3 +198,72 @@ def stored_keys(root: Path) -> list[BlockKey]:
     checksum is a miss for the owner, which then reports the failure."""
     found, _temps, _foreign = walk_pages(Path(root) / "pages")
     return [key for f in found if (key := key_from_name(f.path.name)) is not None]
+
+
+# -- several engines on one disk_path -------------------------------------------------------
+# Engines that share a disk_path each own one *slot* per rank: ``rank<r>`` for the first,
+# ``rank<r>.<n>`` for the others. An owner holds its slot's lock and is its only writer;
+# the others read its pages read-only (``tiers/peer_disk.py``). A restarted engine takes
+# the first free slot, so warm restarts still find their pages (in their own slot or a
+# peer's).
+MAX_SLOTS = 16
+STORE_ID_NAME = ".symram-store-id"
+
+
+def slot_directory(base: Path, namespace: bytes, rank: int, slot: int) -> Path:
+    root = rank_directory(base, namespace, rank)
+    return root if slot == 0 else root.with_name(f"{root.name}.{slot}")
+
+
+def rank_slot_directories(base: Path, namespace: bytes, rank: int) -> list[Path]:
+    """Every existing slot directory of `rank` (slot 0 first)."""
+    first = rank_directory(base, namespace, rank)
+    parent = first.parent
+    if not parent.is_dir():
+        return []
+    found: list[tuple[int, Path]] = []
+    for item in os.scandir(parent):
+        name = item.name
+        if name == first.name:
+            slot = 0
+        elif name.startswith(first.name + ".") and name[len(first.name) + 1 :].isdigit():
+            slot = int(name[len(first.name) + 1 :])
+        else:
+            continue
+        if item.is_dir(follow_symlinks=False):
+            found.append((slot, Path(item.path)))
+    return [p for _, p in sorted(found)]
+
+
+def store_id(base: Path) -> str | None:
+    """A random id naming the storage behind `base`, created by the first engine.
+
+    Engines that see the same id see the same files (one shared filesystem), so they
+    may read each other's disk pages; an engine on another machine with its own disk at
+    the same path gets another id. None when the directory can be neither read nor
+    created (the disk tier then stays private)."""
+    path = Path(base) / STORE_ID_NAME
+    for _ in range(2):
+        try:
+            text = path.read_text().strip()
+            if len(text) == 32 and all(c in "0123456789abcdef" for c in text):
+                return text
+            if text:
+                return None  # not ours: do not guess
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{STORE_ID_NAME}.{os.urandom(8).hex()}{TMP_SUFFIX}")
+            tmp.write_text(os.urandom(16).hex())
+            try:
+                os.link(tmp, path)  # atomic, and never replaces another engine's id
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
+        except OSError:
+            return None
+    return None

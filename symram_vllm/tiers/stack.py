@@ -16,6 +16,13 @@ never wait for the write queue.
 
 The zero-copy protocol of ``DramTier`` is kept (reserve/commit/abort,
 acquire/release) so the connector can fill and read DRAM slots in place.
+
+Below the local tiers sit optional *remote* tiers, read on a local miss and
+promoted into DRAM on a hit: other engines' slots of a shared disk_path
+(``PeerDiskReader``) and the Redis page tier (``RedisPages``, which is also written
+on save). ``on_event`` tells the owner which keys entered or left the tiers other
+engines can reach ("disk_stored", "disk_removed"), so a shared directory can
+advertise them.
 """
 
 from __future__ import annotations
@@ -23,9 +30,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -39,13 +47,33 @@ from symram_vllm.tiers.dram import DramTier, DramTierFull
 logger = logging.getLogger(__name__)
 
 RemovedCallback = Callable[[BlockKey], None]
+EventCallback = Callable[[str, list[BlockKey]], None]
+
+
+class RemoteTier(Protocol):
+    """A tier other engines fill: read into a DRAM slot on a local miss."""
+
+    name: str
+
+    def read_into(self, key: BlockKey, out: torch.Tensor) -> bool: ...
+
+    def stats(self) -> dict[str, float]: ...
+
+    def close(self) -> None: ...
+
+
+class RemoteWriter(Protocol):
+    def offer(self, key: BlockKey, page: torch.Tensor) -> bool: ...
 
 _COUNTERS = (
     "dram_hits", "disk_hits", "misses", "promotions", "promotion_failures",
     "writebacks", "writeback_dropped", "writeback_skipped_cost", "cold_dropped",
     "write_through", "put_rejected_full", "put_to_disk_direct", "save_waits",
     "save_wait_timeouts", "prefetched", "removed", "background_writebacks",
+    "remote_hits", "remote_misses", "remote_promotion_failures", "remote_offered",
 )
+# Pages brought in from a remote tier remember where from (bounded).
+MAX_REMOTE_ORIGINS = 1 << 18
 
 
 class TierStack:
@@ -59,6 +87,9 @@ class TierStack:
         pin_memory: bool | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_removed: RemovedCallback | None = None,
+        remotes: Sequence[RemoteTier] = (),
+        remote_writer: RemoteWriter | None = None,
+        on_event: EventCallback | None = None,
     ) -> None:
         self.config = config or PolicyConfig()
         self.clock = clock
@@ -68,6 +99,10 @@ class TierStack:
         )
         self.placement = PlacementPolicy(self.config)
         self.on_removed = on_removed
+        self.remotes = list(remotes)
+        self.remote_writer = remote_writer
+        self.on_event = on_event
+        self._remote_origin: dict[BlockKey, str] = {}
         self.dram = DramTier(
             page_bytes,
             dram_bytes,
@@ -84,6 +119,8 @@ class TierStack:
         self._lock = threading.Lock()
         self._reserved: dict[BlockKey, torch.Tensor] = {}
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        for remote in self.remotes:
+            self.counters[f"{remote.name}_hits"] = 0
         self._prefetcher = ThreadPoolExecutor(self.config.prefetch_workers, "symram-prefetch")
         self._stop = threading.Event()
         self._cleaner: threading.Thread | None = None
@@ -145,6 +182,8 @@ class TierStack:
         if self.disk is not None and self.placement.write_through_due(meta.hits):
             # The slot is still reserved, hence not evictable, while set_async copies it.
             self._write_through(key, slot, meta.position)
+        if self.remote_writer is not None and self.remote_writer.offer(key, slot):
+            self._count("remote_offered")
         self.dram.commit(key)
 
     def abort(self, key: BlockKey) -> None:
@@ -187,6 +226,7 @@ class TierStack:
         stored = self.disk.set(key, page, position=position)
         if stored:
             self.ledger.touch(key, self.clock(), position, parent)
+            self._event("disk_stored", key)
         return stored
 
     def _wait_for_disk_room(self) -> None:
@@ -205,7 +245,7 @@ class TierStack:
         assert self.disk is not None
         if self.disk.exists(key):
             return
-        fut = self.disk.set_async(key, page, position=position, block=False)
+        fut = self._disk_write(key, page, position, block=False)
         self._count("write_through")
         if fut.done() and not fut.result():
             self._count("writeback_dropped")
@@ -218,12 +258,17 @@ class TierStack:
             return  # inclusive hierarchy: the disk copy remains
         meta = self.ledger.get(key)
         position = meta.position if meta else 0
-        if disk is None or self.config.write_policy != "write_back":
+        with self._lock:
+            origin = self._remote_origin.pop(key, None)
+        if origin == "peer_disk":
+            # Another engine's slot of the shared disk holds it: no second copy.
+            self._count("cold_dropped")
+        elif disk is None or self.config.write_policy != "write_back":
             self._count("cold_dropped")
         elif not self.placement.worth_storing("disk", page.numel(), position):
             self._count("writeback_skipped_cost")
         else:
-            fut = disk.set_async(key, page, position=position, block=False)
+            fut = self._disk_write(key, page, position, block=False)
             if not (fut.done() and not fut.result()):
                 self._count("writebacks")
                 fut.add_done_callback(lambda f: f.result() or self._lost(key))
@@ -232,8 +277,28 @@ class TierStack:
         self._removed(key)
 
     def _on_disk_evict(self, key: BlockKey) -> None:
+        self._event("disk_removed", key)
         if not self.dram.exists(key):
             self._removed(key)
+
+    def _disk_write(
+        self, key: BlockKey, page: torch.Tensor, position: int, block: bool | None
+    ) -> Future[bool]:
+        """`disk.set_async`, reporting the page to `on_event` once it is on disk."""
+        assert self.disk is not None
+        fut = self.disk.set_async(key, page, position=position, block=block)
+        if self.on_event is not None:
+            fut.add_done_callback(
+                lambda f: f.exception() is None and f.result() and self._event("disk_stored", key)
+            )
+        return fut
+
+    def _event(self, kind: str, key: BlockKey) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(kind, [key])
+            except Exception:  # reporting must never break a tier operation
+                logger.exception("symram tier event callback failed")
 
     def _lost(self, key: BlockKey) -> None:
         self._count("writeback_dropped")
@@ -242,6 +307,8 @@ class TierStack:
 
     def _removed(self, key: BlockKey) -> None:
         self.ledger.forget(key)
+        with self._lock:
+            self._remote_origin.pop(key, None)
         self._count("removed")
         if self.on_removed is not None:
             self.on_removed(key)
@@ -289,7 +356,43 @@ class TierStack:
             view = self.dram.acquire(key)
             if view is not None:
                 self._hit(key, "disk", view)
+            return view
+        if self.remotes:
+            origin = self._promote_remote(key)
+            if origin is not None:
+                view = self.dram.acquire(key)
         return view
+
+    def _promote_remote(self, key: BlockKey) -> str | None:
+        """Copy `key`'s page from the first remote tier that has it into a DRAM slot.
+        Returns that tier's name, or None (a miss everywhere, or no DRAM room)."""
+        try:
+            slot = self.dram.reserve(key)
+        except DramTierFull:
+            self._count("remote_promotion_failures")
+            return None
+        if slot is None:
+            return "dram" if self.dram.exists(key) else None  # promoted concurrently
+        for remote in self.remotes:
+            try:
+                found = remote.read_into(key, slot)
+            except Exception:  # a remote tier is best effort: a failure is a miss
+                logger.exception("symram: reading %s from %s failed", key, remote.name)
+                found = False
+            if found:
+                self.ledger.touch(key, self.clock())
+                with self._lock:
+                    if len(self._remote_origin) >= MAX_REMOTE_ORIGINS:
+                        self._remote_origin.pop(next(iter(self._remote_origin)))
+                    self._remote_origin[key] = remote.name
+                    self.counters["remote_hits"] += 1
+                    self.counters[f"{remote.name}_hits"] += 1
+                self.dram.commit(key)
+                self._event("remote_loaded", key)
+                return remote.name
+        self.dram.abort(key)
+        self._count("remote_misses")
+        return None
 
     def _hit(self, key: BlockKey, tier: str, page: torch.Tensor) -> None:
         self._count(f"{tier}_hits")
@@ -337,8 +440,9 @@ class TierStack:
 
     def evict(self, key: BlockKey) -> bool:
         removed = self.dram.delete(key)
-        if self.disk is not None:
-            removed = self.disk.delete(key) or removed
+        if self.disk is not None and self.disk.delete(key):
+            removed = True
+            self._event("disk_removed", key)
         if removed:
             self._removed(key)
         return removed
@@ -394,7 +498,9 @@ class TierStack:
         for key in list(self.dram.keys()):
             if self._stop.is_set() or (limit is not None and queued >= limit):
                 break
-            if disk.exists(key):
+            with self._lock:
+                from_peer = self._remote_origin.get(key) == "peer_disk"
+            if from_peer or disk.exists(key):
                 continue
             if not disk.write_queue_idle():
                 break  # saves and evictions come first
@@ -404,8 +510,8 @@ class TierStack:
             try:
                 meta = self.ledger.get(key)
                 # The page is copied into a staging buffer before set_async returns.
-                written = disk.set_async(
-                    key, view, position=meta.position if meta else 0, block=False
+                written = self._disk_write(
+                    key, view, meta.position if meta else 0, block=False
                 )
             finally:
                 self.dram.release(key)
@@ -421,12 +527,16 @@ class TierStack:
         if self.disk is None:
             return
         for key in list(self.dram.keys()):
+            with self._lock:
+                from_peer = self._remote_origin.get(key) == "peer_disk"
+            if from_peer:
+                continue  # another engine's slot of the shared disk has it already
             view = self.dram.acquire(key)  # counts a DRAM hit: flushes are rare
             if view is None:
                 continue
             try:
                 meta = self.ledger.get(key)
-                self.disk.set_async(key, view, position=meta.position if meta else 0)
+                self._disk_write(key, view, meta.position if meta else 0, block=None)
             finally:
                 self.dram.release(key)
         self.disk.flush(timeout)
@@ -482,6 +592,8 @@ class TierStack:
             out.update({f"disk_{k}": float(v) for k, v in disk.as_dict().items()})
             out["disk_holding_cost"] = self.placement.holding_cost("disk", disk.bytes_used)
         out["stack_tracked_keys"] = float(len(self.ledger))
+        for remote in self.remotes:
+            out.update({f"{remote.name}_{k}": float(v) for k, v in remote.stats().items()})
         return out
 
     def close(self) -> None:
@@ -491,4 +603,9 @@ class TierStack:
         self._prefetcher.shutdown(wait=True)
         if self.disk is not None:
             self.disk.close()
+        for remote in self.remotes:
+            try:
+                remote.close()
+            except Exception:
+                logger.exception("symram: closing remote tier %s failed", remote.name)
         self.dram.close()

@@ -24,7 +24,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from symram_vllm.serving.engine_process import EngineServer, die_with_parent, free_port
+from symram_vllm.serving.engine_process import EngineServer, free_port, start_all
 
 pytestmark = pytest.mark.engine
 
@@ -84,31 +84,6 @@ class Gateway:
         self.log.close()
 
 
-def launch(engine: EngineServer) -> None:
-    """EngineServer.start without the wait, so several engines start in parallel."""
-    engine.log_path.parent.mkdir(parents=True, exist_ok=True)
-    engine._log = open(engine.log_path, "wb")  # noqa: SIM115 - closed by engine.stop()
-    engine.process = subprocess.Popen(
-        engine.args, stdout=engine._log, stderr=subprocess.STDOUT, env=engine.env,
-        start_new_session=True, preexec_fn=die_with_parent)
-
-
-def wait_healthy(engine: EngineServer, timeout_s: float = 600) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        assert engine.process is not None
-        if engine.process.poll() is not None:
-            raise RuntimeError(f"engine exited early; see {engine.log_path}")
-        try:
-            if httpx.get(f"{engine.base_url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"engine not healthy in {timeout_s}s; see {engine.log_path}")
-        time.sleep(1)
-
-
 @pytest.fixture(scope="module")
 def stack(tiny_model, artifacts_dir, tmp_path_factory):
     engines: list[tuple[str, EngineServer, int]] = []
@@ -122,14 +97,9 @@ def stack(tiny_model, artifacts_dir, tmp_path_factory):
             extra_vllm_args=NO_SPLIT,
             env={"SYMRAM_CONTROL_PORT": str(control), "SYMRAM_INSTANCE_ID": name,
                  "SYMRAM_DISK_PATH": str(disk), "SYMRAM_DISK_BYTES": "256MiB"}), control))
-    # Both engines start at once, from this (the main) thread: their PR_SET_PDEATHSIG
-    # fires when the *thread* that forked them exits, so no helper threads.
-    for _, engine, _ in engines:
-        launch(engine)
     gateway = None
     try:
-        for _, engine, _ in engines:
-            wait_healthy(engine)
+        start_all(*(engine for _, engine, _ in engines))
         for name, _, control in engines:
             info = httpx.get(f"http://127.0.0.1:{control}/symram/info", timeout=5).json()
             assert info["instance_id"] == name and info["block_size"] == BLOCK
