@@ -325,7 +325,7 @@ def test_plan_without_gateway_serves_the_engine_on_the_public_port(monkeypatch, 
     assert names[-1] == "engine-0" and "gateway" not in names
     engine = plan.processes.processes[-1]
     assert engine.cmd[engine.cmd.index("--port") + 1] == str(port)
-    assert engine.env["SYMRAM_DISK_PATH"] == str((tmp_path / "disk" / "engine-0").resolve())
+    assert engine.env["SYMRAM_DISK_PATH"] == str((tmp_path / "disk").resolve())
     assert engine.env["SYMRAM_DISK_BYTES"] == "1GiB"
     assert int(engine.env["SYMRAM_CONTROL_PORT"]) in engine.ports
     assert any("gateway" in note for note in plan.notes)
@@ -357,6 +357,11 @@ def test_plan_with_gateway_puts_n_engines_behind_it(monkeypatch, tmp_path):
     assert all("SYMRAM_DISK_PATH" not in e.env and "SYMRAM_DIRECTORY_URL" not in e.env
                for e in engines)
     assert [e.env["SYMRAM_INSTANCE_ID"] for e in engines] == ["engine-0", "engine-1", "engine-2"]
+    # With a disk tier, all engines get one shared path (each writes its own slot).
+    shared = stack.plan_stack(stack.UpOptions(port=free_port(), instances=2, state_dir=tmp_path,
+                                              redis=False, disk_bytes="1GiB"), "/models/m")
+    paths = {p.env["SYMRAM_DISK_PATH"] for p in shared.processes.processes[:2]}
+    assert paths == {str((tmp_path / "disk").resolve())}
 
 
 def test_plan_refuses_a_busy_port(tmp_path):

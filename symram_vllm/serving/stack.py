@@ -392,7 +392,9 @@ def plan_stack(options: UpOptions, model: str) -> Stack:
             "SYMRAM_DRAM_BYTES": options.dram_bytes,
         }
         if options.disk_bytes and options.disk_bytes != "0":
-            disk = (options.state_dir / "disk" / f"engine-{i}").resolve()
+            # One disk path for all engines: each writes its own slot and reads the
+            # others' pages, so an instance reuses what another one computed.
+            disk = (options.state_dir / "disk").resolve()
             disk.mkdir(parents=True, exist_ok=True)
             env |= {"SYMRAM_DISK_PATH": str(disk), "SYMRAM_DISK_BYTES": options.disk_bytes}
         if redis_url:

