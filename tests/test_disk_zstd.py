@@ -6,15 +6,15 @@ pages are counted, quarantined misses, like any other corrupt page."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
 import torch
+from test_disk_tier import FILE, PAGE, GatedIO, key, page
 
 from symram_vllm.config import ConfigError, load_config
 from symram_vllm.keys import BlockKey
-from symram_vllm.tiers.aligned_io import ALIGN, AlignedBuffer, PosixFileIO, align_up
+from symram_vllm.tiers.aligned_io import ALIGN, AlignedBuffer, align_up
 from symram_vllm.tiers.disk import DiskTier, DiskTierConfig
 from symram_vllm.tiers.page_format import (
     HEADER_BYTES,
@@ -28,17 +28,7 @@ from symram_vllm.tiers.page_format import (
     zstd_codec_name,
 )
 
-PAGE = 64 * 1024
-FILE = HEADER_BYTES + PAGE
-
-
-def key(i: int) -> BlockKey:
-    return BlockKey(i.to_bytes(32, "big"))
-
-
-def smooth(i: int, size: int = PAGE) -> torch.Tensor:
-    """Compressible: a short period, like the exponent bytes of KV."""
-    return ((torch.arange(size, dtype=torch.int64) * (i + 3) + i) % 251).to(torch.uint8)
+smooth = page  # compressible: a short period, like the exponent bytes of KV
 
 
 def noise(i: int, size: int = PAGE) -> torch.Tensor:
@@ -188,16 +178,6 @@ def test_raw_page_swapped_in_for_a_compressed_one_is_caught(tmp_path):
     other.close()
     assert tier.get(key(7)) is None and tier.stats().integrity_failures == 1
     tier.close()
-
-
-class GatedIO(PosixFileIO):
-    def __init__(self) -> None:
-        super().__init__(direct=False)
-        self.gate = threading.Event()
-
-    def write_new(self, path, buf, fsync):
-        assert self.gate.wait(10)
-        super().write_new(path, buf, fsync)
 
 
 def test_pending_page_reads_raw_bytes_while_compressed_write_is_in_flight(tmp_path):

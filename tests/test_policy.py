@@ -1,9 +1,9 @@
 import itertools
-import threading
 import time
 
 import pytest
 import torch
+from test_disk_tier import GatedIO
 
 from symram_vllm.keys import BlockKey
 from symram_vllm.policy import (
@@ -15,7 +15,6 @@ from symram_vllm.policy import (
     TierCost,
 )
 from symram_vllm.snapshot import ManifestError
-from symram_vllm.tiers.aligned_io import PosixFileIO
 from symram_vllm.tiers.disk import DiskTier, DiskTierConfig
 from symram_vllm.tiers.page_format import HEADER_BYTES
 from symram_vllm.tiers.stack import TierStack
@@ -277,18 +276,8 @@ def test_dram_full_of_pins_sends_puts_to_disk(tmp_path):
     stack.close()
 
 
-class StuckIO(PosixFileIO):
-    def __init__(self) -> None:
-        super().__init__(direct=False)
-        self.gate = threading.Event()
-
-    def write_new(self, path, buf, fsync):
-        assert self.gate.wait(10)
-        super().write_new(path, buf, fsync)
-
-
 def test_slow_disk_slows_saves_never_reads(tmp_path):
-    io = StuckIO()
+    io = GatedIO()
     stack, removed, _ = build(
         tmp_path, dram_pages=2, disk_pages=8, disk_io=io, save_wait_s=0.2,
         disk_cfg={"write_workers": 1, "write_queue": 0},
