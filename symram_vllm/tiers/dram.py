@@ -13,7 +13,7 @@ import itertools
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -166,13 +166,53 @@ class DramTier(Tier):
             else:
                 self._readers[key] = count
 
+    # -- whole jobs in one lock round trip ----------------------------------------------
+    def reserve_rows(self, keys: Sequence[BlockKey]) -> list[int | None]:
+        """Arena rows to fill for `keys` (then ``commit``/``abort`` each), taken under
+        one lock. None for a key already stored or being written, and for every key
+        once nothing more can be evicted. Free slots come off the stack in ascending
+        order, so a job's rows are usually one consecutive run: one copy per segment."""
+        rows: list[int | None] = []
+        with self._lock:
+            full = False
+            for key in keys:
+                if full or key in self._lru or key in self._reserved:
+                    rows.append(None)
+                    continue
+                try:
+                    slot = self._take_slot()
+                except DramTierFull:
+                    full = True
+                    rows.append(None)
+                    continue
+                self._reserved[key] = slot
+                rows.append(slot)
+        return rows
+
+    def acquire_rows(self, keys: Sequence[BlockKey]) -> list[int]:
+        """Rows of the longest prefix of `keys` stored here, each protected from
+        eviction until ``release``; one lock round trip."""
+        rows: list[int] = []
+        with self._lock:
+            for key in keys:
+                slot = self._lru.get(key)
+                if slot is None:
+                    self._stats.misses += 1
+                    break
+                self._lru.move_to_end(key)
+                self._readers[key] = self._readers.get(key, 0) + 1
+                rows.append(slot)
+            self._stats.hits += len(rows)
+        return rows
+
+    def release_many(self, keys: Sequence[BlockKey]) -> None:
+        with self._lock:
+            for key in keys:
+                self.release(key)
+
     def free_slots(self) -> int:
         with self._lock:
             return len(self._free)
-
-    def slot_of(self, key: BlockKey) -> int | None:
-        with self._lock:
-            return self._lru.get(key)
 
     # -- pinning -----------------------------------------------------------------------
     def pin(self, key: BlockKey, ttl_s: float | None = None) -> bool:
