@@ -73,6 +73,7 @@ class TieredStore:
         pin_memory: bool | None = None,
         remotes: Sequence[RemoteTier] = (),
         redis_pages: RedisPages | None = None,
+        device_index: int | None = None,
     ) -> None:
         self.page_bytes = page_bytes
         self.redis_pages = redis_pages
@@ -91,6 +92,7 @@ class TieredStore:
             remotes=all_remotes,
             remote_writer=redis_pages,
             on_event=self._tier_event,
+            device_index=device_index,
         )
         self._events = StoreEvents()
         self._lock = threading.Lock()

@@ -98,18 +98,20 @@ class WorkerSide:
         self.store = TieredStore(
             mover.page_bytes, self.config.dram_bytes, disk=disk, policy=self.config.policy,
             remotes=remotes, redis_pages=redis_pages,
+            device_index=layout.device.index if layout.device.type == "cuda" else None,
         )
         self.runner = TransferRunner(layout.device, self.config.transfer_threads)
         self.control = start_control_server(self.config, self.store, self.rank, self.info)
         logger.info(
             "symram worker rank %d: %d layers, page %d bytes (codec %s), DRAM tier %d pages "
-            "(%s pinned), disk tier %s, remote tiers %s",
+            "(%s pinned; %s), disk tier %s, remote tiers %s",
             self.rank,
             len(layout.layers),
             mover.page_bytes,
             mover.codec_name,
             self.store.dram.num_slots,
             "" if self.store.dram.pinned else "not",
+            self.store.dram.placement,
             disk.root if disk is not None else "off",
             ", ".join(r.name for r in self.store.stack.remotes) or "none",
         )

@@ -133,6 +133,30 @@ def consecutive_start(rows: torch.Tensor) -> int | None:
 
 
 # -- the torch implementation ----------------------------------------------------------
+# Index ops on uint8 rows run an element-wise kernel (a byte at a time); the same
+# bytes viewed as 8-byte words move about 8x faster, at memcpy speed for index_select.
+# Scattering into arbitrary rows on the host goes through numpy's fancy assignment,
+# which copies each row as one run, where torch's index_copy_ is element-wise.
+def _words(t: torch.Tensor) -> torch.Tensor:
+    """`t` (uint8 [rows, bytes], unit inner stride) viewed as the widest integer that
+    divides its size, row stride and address; typed segments are returned as is."""
+    if t.dtype != torch.uint8:
+        return t
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        width = dtype.itemsize
+        if t.shape[1] % width == 0 and t.stride(0) % width == 0 and t.data_ptr() % width == 0:
+            return t.view(dtype)
+    return t
+
+
+def _scatter_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[index[i]] = src[i] for distinct `index`."""
+    if dst.device.type == "cpu" and src.device.type == "cpu" and dst.dtype == torch.uint8:
+        dst.numpy()[index.numpy()] = src.numpy()
+    else:
+        _words(dst).index_copy_(0, index.to(dst.device), _words(src))
+
+
 def torch_save(
     segments: Sequence[Segment], ids: torch.Tensor, pages: torch.Tensor, rows: torch.Tensor
 ) -> int:
@@ -142,14 +166,14 @@ def torch_save(
     for seg in segments:
         dst = seg.page_view(pages)
         if start is not None and pages.device == seg.source.device:
-            torch.index_select(seg.source, 0, ids, out=dst[start : start + n])
+            torch.index_select(_words(seg.source), 0, ids, out=_words(dst[start : start + n]))
             ops += 1
             continue
-        staged = seg.source.index_select(0, ids)
+        staged = _words(seg.source).index_select(0, ids).view(seg.source.dtype)
         if start is not None:
             dst[start : start + n].copy_(staged, non_blocking=pages.is_pinned())
         else:
-            dst.index_copy_(0, rows, staged.to(pages.device))
+            _scatter_rows(dst, rows, staged.to(pages.device))
         ops += 2
     return ops
 
@@ -165,12 +189,12 @@ def torch_load(
         if start is not None:
             src = src[start : start + n]
         else:
-            src = src.index_select(0, rows)
+            src = _words(src).index_select(0, rows).view(src.dtype)
             ops += 1
         if src.device != seg.source.device:
             src = src.to(seg.source.device, non_blocking=pages.is_pinned())
             ops += 1
-        seg.source.index_copy_(0, ids, src)
+        _scatter_rows(seg.source, ids, src)
         ops += 1
     return ops
 

@@ -90,6 +90,7 @@ class TierStack:
         remotes: Sequence[RemoteTier] = (),
         remote_writer: RemoteWriter | None = None,
         on_event: EventCallback | None = None,
+        device_index: int | None = None,
     ) -> None:
         self.config = config or PolicyConfig()
         self.clock = clock
@@ -111,6 +112,7 @@ class TierStack:
             clock=clock,
             victim_chooser=self.eviction.choose_victim,
             victim_window=self.config.victim_window,
+            device_index=device_index,
         )
         self.disk = disk
         if disk is not None:
