@@ -19,6 +19,7 @@ import torch
 from symram_vllm.kernels import block_copy
 from symram_vllm.layout import KVLayout, LayoutError
 
+pytestmark = pytest.mark.gpu  # part of the GPU proof kit (scripts/gpu_check.sh)
 L, B, H, N, C = 4, 24, 2, 16, 32
 
 
