@@ -17,8 +17,8 @@ import torch
 
 from symram_vllm import capability
 from symram_vllm.connectors.page_mover import PageMover
-from symram_vllm.keys import BlockKey
 from symram_vllm.kernels import block_copy
+from symram_vllm.keys import BlockKey
 from symram_vllm.layout import KVLayout
 from symram_vllm.store import TieredStore
 
