@@ -16,6 +16,7 @@ from symram_vllm.connectors.faults import CopyFaults, InjectedCopyFault
 from symram_vllm.connectors.metadata import BlockJob, SymramConnectorMetadata
 from symram_vllm.connectors.worker import WorkerSide
 from tests.test_connector_halves import BS, drain, kv_caches
+from tests.meta_helpers import worker_meta
 
 CODECS = ["none", "int8", "fp8"]
 KEYS = [bytes([i + 1]) * 32 for i in range(3)]
@@ -62,14 +63,14 @@ def test_a_save_that_raises_publishes_nothing_and_frees_its_rows(codec):
     save(worker, "w", [1, 2, 3])
     meta = worker.build_worker_meta()
     # The keys are processed (the scheduler stops waiting) but none is stored.
-    assert meta is not None and meta.processed == KEYS and meta.stored == []
+    assert meta is not None and meta.processed == KEYS and meta.keys("local", "stored") == []
     assert worker.store.dram.free_slots() == free_before
     assert not any(worker.store.contains(k) for k in worker_keys(worker))
     counters, _ = worker.take_counters()
     assert counters["save_job_errors"] == 1 and counters.get("saved_blocks", 0) == 0
     # The next save of the same blocks works: nothing was left reserved.
     save(worker, "w2", [1, 2, 3])
-    assert worker.build_worker_meta().stored == KEYS
+    assert worker.build_worker_meta().keys("local", "stored") == KEYS
 
 
 def worker_keys(worker: WorkerSide):

@@ -22,6 +22,7 @@ from symram_vllm.directory import EmbeddedDirectory, make_directory
 from symram_vllm.directory.redis_keys import RedisKeys, namespace_for
 from symram_vllm.keys import BlockKey
 from symram_vllm.tiers.disk_layout import rank_slot_directories, slot_directory, store_id
+from tests.meta_helpers import worker_meta
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -87,7 +88,7 @@ def test_second_engine_on_a_disk_path_takes_its_own_slot_and_reads_the_first(tmp
         assert gauges["peer_disk_slots"] == 1
         # Promoted into B's DRAM: reported as held by B, but not copied to B's slot,
         # not even by a flush (A's slot of the shared disk has them).
-        assert set(KEYS[:3]) <= set(b.build_worker_meta().stored)
+        assert set(KEYS[:3]) <= set(b.build_worker_meta().keys("local", "stored"))
         b.store.flush()
         b.store.stack.write_back_idle()
         assert not list((b.store.disk.root / "pages").rglob("*.page"))
@@ -104,9 +105,9 @@ def test_second_engine_on_a_disk_path_takes_its_own_slot_and_reads_the_first(tmp
 
 
 def save_meta_disk(side: WorkerSide, meta: SymramWorkerMetadata) -> list[bytes]:
-    keys = list(meta.disk_stored)
+    keys = list(meta.keys("disk", "stored"))
     more = side.build_worker_meta()
-    return keys + (list(more.disk_stored) if more else [])
+    return keys + (list(more.keys("disk", "stored")) if more else [])
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
@@ -215,7 +216,7 @@ def test_redis_page_tier_written_on_save_read_on_a_miss(redis_server):
     b = worker(redis_config(redis_server.url), kv_b)
     try:
         first = save(a, [1, 2, 3], KEYS[:3])
-        written = list(first.redis_stored) + list(settle(a).redis_stored)
+        written = list(first.keys("redis", "stored")) + list(settle(a).keys("redis", "stored"))
         assert sorted(written) == sorted(KEYS[:3])
         assert load(b, "r", [4, 5, 6], KEYS[:3]) == set()
         for name in kv_a:
@@ -240,7 +241,7 @@ def test_redis_budget_evictions_are_reported(redis_server):
     try:
         meta = save(a, [1, 2, 3], KEYS[:3])
         meta2 = settle(a)
-        removed = list(meta.redis_removed) + list(meta2.redis_removed)
+        removed = meta.keys("redis", "removed") + meta2.keys("redis", "removed")
         assert removed == [KEYS[0]]
         counters, _ = a.take_counters()
         assert counters["redis_pages_evicted"] == 1 and counters["redis_pages_written"] == 3
@@ -313,11 +314,11 @@ def test_other_instances_blocks_count_only_in_shared_tiers(redis_server):
     keys = meta.saves[0].keys
     # One batched tier query and one dedupe record for the request's step.
     assert a.directory.calls.get("tiers_of_many") == 1 and "tiers_of" not in a.directory.calls
-    a.update_connector_output(SymramWorkerMetadata(stored=keys, processed=keys))
+    a.update_connector_output(worker_meta(stored=keys, processed=keys))
     other = FakeRequest("p-2", 3 * BS + 5)
     # Only in A's DRAM: private to A.
     assert b.get_num_new_matched_tokens(other, 0) == (0, False)
-    a.update_connector_output(SymramWorkerMetadata(redis_stored=keys[:2]))
+    a.update_connector_output(worker_meta(redis_stored=keys[:2]))
     assert b.get_num_new_matched_tokens(other, 0) == (2 * BS, True)
     assert loner.get_num_new_matched_tokens(other, 0) == (0, False)
     # The promised load is leased until it finishes.
@@ -328,10 +329,10 @@ def test_other_instances_blocks_count_only_in_shared_tiers(redis_server):
     b.update_connector_output(None, {"p-2"})
     assert not r.exists(lease)
     # A Redis eviction reported by any engine removes the block for everyone.
-    a.update_connector_output(SymramWorkerMetadata(redis_removed=keys[1:2]))
+    a.update_connector_output(worker_meta(redis_removed=keys[1:2]))
     assert b.get_num_new_matched_tokens(FakeRequest("p-3", 3 * BS + 5), 0) == (BS, True)
     # A load that found nothing makes the directory forget the location that misled it.
-    b.update_connector_output(SymramWorkerMetadata(load_failed=keys[:1]))
+    b.update_connector_output(worker_meta(load_failed=keys[:1]))
     assert b.get_num_new_matched_tokens(FakeRequest("p-4", 3 * BS + 5), 0) == (0, False)
     assert a.get_num_new_matched_tokens(FakeRequest("p-5", 3 * BS + 5), 0) == (3 * BS, True)
 
@@ -347,17 +348,17 @@ def test_disk_locations_removed_per_instance_and_dedupe_is_fleet_wide(redis_serv
     mb = b.build_connector_meta(sched_output(new=[("p-2", 0)], scheduled={"p-2": 3 * BS + 1}))
     keys = ma.saves[0].keys
     assert mb.saves[0].keys == keys  # both computed it before either stored it
-    a.update_connector_output(SymramWorkerMetadata(disk_stored=keys, processed=keys))
-    b.update_connector_output(SymramWorkerMetadata(disk_stored=keys, processed=keys))
+    a.update_connector_output(worker_meta(disk_stored=keys, processed=keys))
+    b.update_connector_output(worker_meta(disk_stored=keys, processed=keys))
     # Same prompt, two engines, 3 blocks: stored once as far as dedupe is concerned.
     d = a.directory.dedupe()
     assert (d.logical_blocks, d.physical_blocks) == (6, 3)
     assert d.physical_bytes == 3 * PAGE
     # A evicts its copy: B's copy in its own slot still serves everyone.
-    a.update_connector_output(SymramWorkerMetadata(disk_removed=keys))
+    a.update_connector_output(worker_meta(disk_removed=keys))
     probe = FakeRequest("p-3", 3 * BS + 1)
     assert a.get_num_new_matched_tokens(probe, 0) == (3 * BS, True)
-    b.update_connector_output(SymramWorkerMetadata(removed=keys))
+    b.update_connector_output(worker_meta(removed=keys))
     assert a.get_num_new_matched_tokens(FakeRequest("p-4", 3 * BS + 1), 0) == (0, False)
     _, gauges = a.take_stats()
     assert gauges["dedupe_physical_bytes"] == 3 * PAGE and gauges["dedupe_ratio"] == 2.0
@@ -370,7 +371,7 @@ def test_a_save_of_a_held_block_readvertises_it_after_the_directory_lost_it():
     try:
         save(side, [1], KEYS[:1])
         again = save(side, [1], KEYS[:1])  # e.g. Redis was flushed: the scheduler asked again
-        assert again.stored == KEYS[:1]
+        assert again.keys("local", "stored") == KEYS[:1]
     finally:
         side.shutdown()
     directory = EmbeddedDirectory()

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from symram_vllm.connectors.kv_events import TierEventLog
 from symram_vllm.connectors.metadata import BlockJob, SymramConnectorMetadata, SymramWorkerMetadata
+from symram_vllm.connectors.residency import RankReports
 from symram_vllm.directory import Directory, EmbeddedDirectory
 from symram_vllm.keys import chain_keys
 from symram_vllm.tiers.disk_layout import rank_slot_directories, stored_keys
@@ -66,6 +67,7 @@ class SchedulerSide:
         page_bytes: int = 0,
         disk_tier: str = "disk",
         shared_tiers: frozenset[str] = frozenset(),
+        tp_size: int = 1,
     ) -> None:
         self.signature_digest = signature_digest
         self.block_size = block_size
@@ -91,6 +93,8 @@ class SchedulerSide:
         self.lookups = 0
         self.hit_tokens = 0
         self.events = TierEventLog(block_size)
+        # Stores complete when every tensor-parallel rank has reported its shard.
+        self.reports = RankReports(tp_size)
 
     def seed_from_disk(self, tp_size: int) -> int:
         """Warm restart: blocks already on every rank's disk tier count as held.
@@ -261,18 +265,19 @@ class SchedulerSide:
         self._worker_busy_until = time.monotonic() + PENDING_GRACE_S if worker_meta.pending else 0.0
         directory = self.directory
         self._saving.difference_update(worker_meta.processed)
-        if worker_meta.removed:
+        stored, removed = self.reports.apply(worker_meta.events)
+        if removed["local"]:
             # Gone from this engine's DRAM and disk slot; a copy in Redis (or in a
             # peer's slot) is still there, so only this engine's locations go.
-            directory.remove_own(worker_meta.removed, "dram")
-            directory.remove_own(worker_meta.removed, self.disk_tier)
-            self.events.removed(worker_meta.removed)
-        if worker_meta.disk_removed:
-            directory.remove_own(worker_meta.disk_removed, self.disk_tier)
-        if worker_meta.redis_removed:
+            directory.remove_own(removed["local"], "dram")
+            directory.remove_own(removed["local"], self.disk_tier)
+            self.events.removed(removed["local"])
+        if removed["disk"]:
+            directory.remove_own(removed["disk"], self.disk_tier)
+        if removed["redis"]:
             # One copy fleet-wide: evicted means gone for every engine.
-            directory.remove(worker_meta.redis_removed, "redis")
-            self._count("redis_removed_blocks", len(worker_meta.redis_removed))
+            directory.remove(removed["redis"], "redis")
+            self._count("redis_removed_blocks", len(removed["redis"]))
         if worker_meta.load_failed:
             # The directory promised pages no tier could deliver intact: forget this
             # engine's locations and the shared ones, so nobody is misled again.
@@ -281,15 +286,18 @@ class SchedulerSide:
             for tier in self.shared_tiers:
                 directory.remove(failed, tier)
             self._count("directory_stale_blocks", len(failed))
-        if worker_meta.stored:
-            directory.add(worker_meta.stored, "dram")
-            self.events.stored(worker_meta.stored)
-        if worker_meta.disk_stored:
-            directory.add(worker_meta.disk_stored, self.disk_tier)
-        if worker_meta.redis_stored:
-            directory.add(worker_meta.redis_stored, "redis")
-        stored = set(worker_meta.stored)
-        self.events.dropped([k for k in worker_meta.processed if k not in stored])
+        if stored["local"]:
+            directory.add(stored["local"], "dram")
+            self.events.stored(stored["local"])
+        if stored["disk"]:
+            directory.add(stored["disk"], self.disk_tier)
+        if stored["redis"]:
+            directory.add(stored["redis"], "redis")
+        done = set(stored["local"])
+        self.events.dropped([
+            k for k in worker_meta.processed
+            if k not in done and not self.reports.waiting("local", k)
+        ])
 
     def request_finished(self, request: Request) -> bool:
         """True when workers may still be copying this request's blocks."""

@@ -238,6 +238,7 @@ class SymramConnector(KVConnectorBase_V1):
                 ),
                 disk_tier=disk_tier,
                 shared_tiers=shared,
+                tp_size=signature.tp_size,
             )
             seeded = self._scheduler.seed_from_disk(signature.tp_size)
             logger.info(

@@ -344,12 +344,7 @@ class WorkerSide:
             return None
         meta = SymramWorkerMetadata(processed=processed, load_failed=failed, pending=pending)
         if events:
-            meta.stored = events.stored
-            meta.removed = events.removed
-            meta.disk_stored = events.disk_stored
-            meta.disk_removed = events.disk_removed
-            meta.redis_stored = events.redis_stored
-            meta.redis_removed = events.redis_removed
+            meta.events = events.tier_events(self.rank)
         return meta
 
     def take_counters(self) -> tuple[dict[str, float], dict[str, float]]:
