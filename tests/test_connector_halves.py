@@ -6,7 +6,6 @@ from types import SimpleNamespace
 import torch
 
 from symram_vllm.config import SymramConfig
-from symram_vllm.connectors.metadata import SymramWorkerMetadata
 from symram_vllm.connectors.scheduler import SchedulerSide
 from symram_vllm.connectors.worker import WorkerSide
 from tests.meta_helpers import worker_meta

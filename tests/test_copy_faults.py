@@ -16,7 +16,6 @@ from symram_vllm.connectors.faults import CopyFaults, InjectedCopyFault
 from symram_vllm.connectors.metadata import BlockJob, SymramConnectorMetadata
 from symram_vllm.connectors.worker import WorkerSide
 from tests.test_connector_halves import BS, drain, kv_caches
-from tests.meta_helpers import worker_meta
 
 CODECS = ["none", "int8", "fp8"]
 KEYS = [bytes([i + 1]) * 32 for i in range(3)]
