@@ -466,6 +466,7 @@ def test_unresponsive_redis_costs_one_timeout_not_one_per_call() -> None:
         silent.bind(("127.0.0.1", 0))
         silent.listen(64)
         port = silent.getsockname()[1]
+        start = time.monotonic()  # the start-up probe pays the one timeout
         d = RedisDirectory(
             f"redis://127.0.0.1:{port}/0",
             namespace=SIG,
@@ -476,7 +477,6 @@ def test_unresponsive_redis_costs_one_timeout_not_one_per_call() -> None:
             )),
         )
         try:
-            start = time.monotonic()
             results = [d.longest_prefix(keys(4)) for _ in range(50)]
             elapsed = time.monotonic() - start
         finally:
