@@ -39,7 +39,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -65,6 +65,9 @@ OUTAGE_ERRORS: tuple[type[Exception], ...] = (
 )
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 SUPPORTED_SCHEMES = ("redis://", "rediss://", "unix://", *CLUSTER_SCHEMES)
+# Query parameters of a cluster URL passed to every node's connection (single-node
+# URLs pass any redis-py connection argument, e.g. ?ssl_ca_certs=/path/ca.pem).
+CLUSTER_URL_QUERY = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 
 
 class RedisConfigError(ValueError):
@@ -151,7 +154,8 @@ def _client_kwargs(url: str, options: LinkOptions, client_name: str) -> dict[str
     if options.password is not None:
         kwargs["password"] = options.password
     if url.startswith(("rediss://", "rediss+cluster://")):
-        kwargs["ssl"] = True
+        if url.startswith("rediss+cluster://"):
+            kwargs["ssl"] = True  # rediss:// itself makes redis-py use SSLConnection
         kwargs["ssl_cert_reqs"] = "required"
         kwargs["ssl_check_hostname"] = options.tls_check_hostname
         if options.tls_ca_file:
@@ -163,7 +167,8 @@ def _client_kwargs(url: str, options: LinkOptions, client_name: str) -> dict[str
 
 
 def _cluster_nodes(url: str) -> tuple[list[ClusterNode], dict[str, Any]]:
-    """Startup nodes and credentials of redis+cluster://[user:pass@]h:p,h:p[/]."""
+    """Startup nodes, credentials and TLS files of
+    redis+cluster://[user:pass@]h:p,h:p[/][?ssl_ca_certs=...]."""
     rest = url.split("://", 1)[1]
     auth: dict[str, Any] = {}
     if "@" in rest:
@@ -175,7 +180,11 @@ def _cluster_nodes(url: str) -> tuple[list[ClusterNode], dict[str, Any]]:
                 auth["username"] = unquote(user)
         else:
             auth["password"] = unquote(user)
-    hosts = rest.split("/", 1)[0].split("?", 1)[0]
+    rest, _, query = rest.partition("?")
+    for name, values in parse_qs(query).items():
+        if name in CLUSTER_URL_QUERY:
+            auth[name] = values[-1]
+    hosts = rest.split("/", 1)[0]
     nodes = []
     for item in filter(None, hosts.split(",")):
         parts = urlsplit(f"//{item}")
@@ -209,7 +218,10 @@ def make_client(url: str, options: LinkOptions, client_name: str = "symram") -> 
     if url.startswith(CLUSTER_SCHEMES):
         nodes, auth = _cluster_nodes(url)
         for name, value in auth.items():
-            cluster_kwargs.setdefault(name, value)
+            if name.startswith("ssl_"):
+                cluster_kwargs[name] = value  # like a single-node URL's query: it wins
+            else:
+                cluster_kwargs.setdefault(name, value)
         return RedisCluster(startup_nodes=nodes, **cluster_kwargs)
     return RedisCluster.from_url(url, **cluster_kwargs)
 

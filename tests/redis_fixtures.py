@@ -9,7 +9,10 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from symram_vllm.serving.engine_process import free_port
 
@@ -74,3 +77,256 @@ class RedisServer:
         """Kill (if running) and start again on the same port, with no data."""
         self.kill()
         return self.start(self.port)
+
+
+# -- TLS + ACL -------------------------------------------------------------------------------
+TLS_USER = "symram"
+TLS_PASSWORD = "s3cret-symram-pass"
+
+
+def make_test_certificates(workdir: Path) -> dict[str, Path]:
+    """A CA and a server certificate for 127.0.0.1/localhost (and an unrelated CA),
+    generated with `cryptography`; returns their PEM paths."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+        return path
+
+    def ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(name(cn))
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .add_extension(x509.KeyUsage(
+                    digital_signature=True, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                    crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+                .sign(key, hashes.SHA256()))
+        return key, cert
+
+    ca_key, ca_cert = ca("symram test CA")
+    _, other_cert = ca("some other CA")
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = (
+        x509.CertificateBuilder().subject_name(name("localhost")).issuer_name(ca_cert.subject)
+        .public_key(server_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+        .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    paths = {
+        "ca": workdir / "ca.pem", "other_ca": workdir / "other-ca.pem",
+        "cert": workdir / "server.pem", "key": workdir / "server.key",
+    }
+    paths["ca"].write_bytes(ca_cert.public_bytes(pem))
+    paths["other_ca"].write_bytes(other_cert.public_bytes(pem))
+    paths["cert"].write_bytes(server_cert.public_bytes(pem))
+    write_key(server_key, paths["key"])
+    return paths
+
+
+class TLSRedisServer(RedisServer):
+    """redis-server speaking only TLS, with the default user off and one ACL user
+    (TLS_USER / TLS_PASSWORD) allowed everything."""
+
+    def __init__(self, workdir: Path, binary: str) -> None:
+        super().__init__(workdir, binary)
+        self.certs = make_test_certificates(workdir)
+
+    @property
+    def url(self) -> str:
+        return f"rediss://127.0.0.1:{self.port}/0"
+
+    def start(self, port: int | None = None) -> TLSRedisServer:
+        import redis
+
+        self.port = port or free_port()
+        c = self.certs
+        cmd = [
+            self.binary, "--port", "0", "--tls-port", str(self.port), "--bind", "127.0.0.1",
+            "--tls-cert-file", str(c["cert"]), "--tls-key-file", str(c["key"]),
+            "--tls-ca-cert-file", str(c["ca"]), "--tls-auth-clients", "no",
+            "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
+            "--loglevel", "warning",
+            "--user", "default", "off",
+            "--user", TLS_USER, "on", f">{TLS_PASSWORD}", "~*", "&*", "+@all",
+        ]
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        client = redis.Redis(host="127.0.0.1", port=self.port, ssl=True,
+                             ssl_ca_certs=str(c["ca"]), username=TLS_USER,
+                             password=TLS_PASSWORD, socket_timeout=0.5,
+                             socket_connect_timeout=0.5)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        try:
+            while time.monotonic() < deadline and self.process.poll() is None:
+                try:
+                    if client.ping():
+                        return self
+                except redis.RedisError:
+                    time.sleep(0.02)
+        finally:
+            client.close()
+        self.kill()
+        raise RuntimeError(f"TLS redis-server did not start; log: {self.log.read_text()[-2000:]}")
+
+
+# -- Redis Cluster ----------------------------------------------------------------------------
+class RedisClusterServers:
+    """3 masters + 3 replicas on 127.0.0.1 made by `redis-cli --cluster create`, with a
+    1 s cluster-node-timeout so a killed master fails over in about two seconds."""
+
+    NODE_TIMEOUT_MS = 1000
+
+    def __init__(self, workdir: Path, binary: str, cli: str, nodes: int = 6) -> None:
+        self.workdir = workdir
+        self.binary = binary
+        self.cli = cli
+        self.ports = [free_port() for _ in range(nodes)]
+        # Cluster bus ports chosen too (the default port + 10000 may exceed 65535).
+        self._bus = {p: free_port() for p in self.ports}
+        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports[:3])
+
+    def _start_node(self, port: int) -> None:
+        node_dir = self.workdir / str(port)
+        node_dir.mkdir(exist_ok=True)
+        cmd = [
+            self.binary, "--port", str(port), "--bind", "127.0.0.1",
+            "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+            "--cluster-port", str(self._bus_port(port)),
+            "--cluster-node-timeout", str(self.NODE_TIMEOUT_MS),
+            "--cluster-replica-validity-factor", "0",
+            "--save", "", "--appendonly", "no", "--dir", str(node_dir),
+            "--loglevel", "warning",
+        ]
+        with (node_dir / "redis.log").open("ab") as log:
+            self.processes[port] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+    def _bus_port(self, port: int) -> int:
+        return self._bus[port]
+
+    def start(self) -> RedisClusterServers:
+        for port in self.ports:
+            self._start_node(port)
+        self._wait(lambda: all(_answers_ping(p) for p in self.ports), "nodes answering")
+        create = [self.cli, "--cluster", "create",
+                  *(f"127.0.0.1:{p}" for p in self.ports),
+                  "--cluster-replicas", "1", "--cluster-yes"]
+        out = subprocess.run(create, capture_output=True, timeout=60, check=False)
+        if out.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"redis-cli --cluster create failed: {out.stdout[-2000:]!r}")
+        self.wait_healthy()
+        return self
+
+    def info(self, port: int, section: str = "cluster info") -> dict[str, str]:
+        out = subprocess.run([self.cli, "-p", str(port), *section.split()],
+                             capture_output=True, timeout=5, check=False, text=True)
+        pairs = (line.strip().split(":", 1) for line in out.stdout.splitlines() if ":" in line)
+        return dict(p for p in pairs if len(p) == 2)
+
+    def masters(self) -> list[int]:
+        return [p for p in self.alive() if self.info(p, "info replication").get("role") == "master"]
+
+    def alive(self) -> list[int]:
+        return [p for p, proc in self.processes.items() if proc.poll() is None]
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Every live node says cluster_state:ok and sees 3 masters, each with a replica
+        online (so a killed master has someone to fail over to)."""
+        def healthy() -> bool:
+            live = self.alive()
+            if not all(self.info(p).get("cluster_state") == "ok" for p in live):
+                return False
+            masters = self.masters()
+            if len(masters) != 3:
+                return False
+            if len(live) < len(self.ports):  # a node is down: no full replica set
+                return True
+            return all(int(self.info(m, "info replication").get("connected_slaves", 0)) >= 1
+                       for m in masters)
+
+        self._wait(healthy, "cluster state ok", timeout)
+
+    def master_of(self, key: str) -> int:
+        """Port of the master serving `key`'s slot now."""
+        from redis.cluster import ClusterNode, RedisCluster
+
+        client = RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", p) for p in self.alive()])
+        try:
+            return int(client.get_node_from_key(key).port)
+        finally:
+            client.close()
+
+    def kill(self, port: int) -> None:
+        proc = self.processes[port]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def restart(self, port: int) -> None:
+        """Start a killed node again (it rejoins from its nodes.conf, as a replica)."""
+        self._start_node(port)
+        self._wait(lambda: _answers_ping(port), f"node {port} answering")
+
+    def stop(self) -> None:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=10)
+
+    @staticmethod
+    def _wait(predicate, what: str, timeout: float = START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis cluster: timed out waiting for {what}")
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory) -> Iterator[RedisClusterServers]:
+    """One real 3-master + 3-replica Redis Cluster for the whole session."""
+    binary, cli = redis_server_binary(), shutil.which("redis-cli")
+    if binary is None or cli is None:
+        pytest.skip("redis-server / redis-cli are not installed (apt-get install redis-server)")
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("cluster"), binary, cli).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory) -> Iterator[TLSRedisServer]:
+    """A real redis-server speaking TLS only, with an ACL user and the default user off."""
+    binary = redis_server_binary()
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = TLSRedisServer(tmp_path_factory.mktemp("tls-redis"), binary).start()
+    try:
+        yield server
+    finally:
+        server.kill()
