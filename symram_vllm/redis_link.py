@@ -144,7 +144,6 @@ def _client_kwargs(url: str, options: LinkOptions, client_name: str) -> dict[str
     kwargs: dict[str, Any] = {
         "socket_timeout": options.socket_timeout_s,
         "socket_connect_timeout": options.connect_timeout_s,
-        "retry_on_timeout": False,
         "health_check_interval": 0,
         "client_name": client_name,
         "max_connections": options.pool_size,

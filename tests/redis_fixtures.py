@@ -281,6 +281,18 @@ class RedisClusterServers:
         finally:
             client.close()
 
+    def wait_replicated(self, master: int, timeout: float = 10.0) -> None:
+        """Until every replica of `master` has acknowledged all its writes."""
+        def caught_up() -> bool:
+            info = self.info(master, "info replication")
+            offset = int(info.get("master_repl_offset", 0))
+            replicas = [v for k, v in info.items() if k.startswith("slave")
+                        and k[5:].isdigit()]
+            acked = [int(dict(f.split("=", 1) for f in r.split(",")).get("offset", -1))
+                     for r in replicas]
+            return bool(acked) and min(acked) >= offset
+        self._wait(caught_up, f"replicas of {master} to catch up", timeout)
+
     def kill(self, port: int) -> None:
         proc = self.processes[port]
         proc.send_signal(signal.SIGKILL)

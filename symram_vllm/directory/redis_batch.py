@@ -110,7 +110,8 @@ class RedisBatcher:
             if c.script is None:
                 pipe.hgetall(c.keys[0])
             else:
-                pipe.evalsha(SHAS[c.script], len(c.keys), *c.keys, *c.args)
+                # execute_command: the cluster pipeline blocks its evalsha() helper
+                pipe.execute_command("EVALSHA", SHAS[c.script], len(c.keys), *c.keys, *c.args)
         self.round_trips += 1
         results = pipe.execute(raise_on_error=False)
         for result in results:
