@@ -69,6 +69,11 @@ class RedisBatcher:
         self.round_trips = 0
         self.noscript_reloads = 0
 
+    def preload(self) -> None:
+        """Load the scripts now (start-up), so the first batch needs no NOSCRIPT retry."""
+        if self.d.link.available:
+            self.d.link.call(lambda r: [r.script_load(src) for src in SCRIPTS.values()], None)
+
     # -- commands ----------------------------------------------------------------------------
     def _write_commands(self, op: WriteOp) -> list[Command]:
         d, size = self.d, self.d.options.write_chunk

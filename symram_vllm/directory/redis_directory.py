@@ -104,6 +104,7 @@ class RedisDirectory(Directory):
         from symram_vllm.directory.redis_batch import RedisBatcher
 
         self._batcher = RedisBatcher(self)
+        self._batcher.preload()
 
     # -- reads -----------------------------------------------------------------------------
     def _me(self) -> list[str | int]:
