@@ -225,6 +225,31 @@ def make_client(url: str, options: LinkOptions, client_name: str = "symram") -> 
     return RedisCluster.from_url(url, **cluster_kwargs)
 
 
+def make_async_client(url: str, options: LinkOptions, client_name: str = "symram") -> Any:
+    """`make_client` for asyncio (the gateway): redis.asyncio's single-node or cluster
+    client with the same timeouts, pool size, ACL and TLS. Never connects."""
+    from redis.asyncio import Redis as AsyncRedis
+    from redis.asyncio.cluster import ClusterNode as AsyncNode
+    from redis.asyncio.cluster import RedisCluster as AsyncCluster
+    from redis.asyncio.retry import Retry as AsyncRetry
+
+    check_url(url)
+    kwargs = _client_kwargs(url, options, client_name)
+    if not is_cluster(url, options):
+        return AsyncRedis.from_url(url, retry=AsyncRetry(NoBackoff(), 0), **kwargs)
+    kwargs.pop("health_check_interval", None)
+    cluster_kwargs: dict[str, Any] = {**kwargs, "retry": AsyncRetry(NoBackoff(), 1),
+                                      "require_full_coverage": False}
+    if url.startswith(CLUSTER_SCHEMES):
+        nodes, auth = _cluster_nodes(url)
+        for name, value in auth.items():
+            cluster_kwargs[name] = value if name.startswith("ssl_") else \
+                cluster_kwargs.get(name, value)
+        return AsyncCluster(startup_nodes=[AsyncNode(n.host, n.port) for n in nodes],
+                            **cluster_kwargs)
+    return AsyncCluster.from_url(url, **cluster_kwargs)
+
+
 def classify(exc: BaseException, url: str) -> RedisConfigError | None:
     """The misconfiguration `exc` reveals, or None when it is just an outage."""
     text = str(exc)
