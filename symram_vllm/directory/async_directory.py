@@ -45,7 +45,7 @@ FLEET_KEYS_MAX = 1 << 20
 class AsyncDirectoryOptions:
     interval_s: float = 0.005
     # Without end_step calls for this long (an idle engine), queued work goes anyway.
-    idle_flush_s: float = 0.25
+    idle_flush_s: float = 1.0
     lease_ttl_s: float = 30.0
     # An answer older than this is not used (its lease may be about to end).
     answer_ttl_s: float = 2.0
