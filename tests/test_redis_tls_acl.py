@@ -143,3 +143,17 @@ def test_settings_reject_missing_tls_files(tmp_path):
         RedisSettings(tls_ca_file=tmp_path / "missing.pem")
     with pytest.raises(ValueError, match="go together"):
         RedisSettings(tls_cert_file=tmp_path / "c.pem")
+
+
+def test_settings_check_ttls_and_build_every_option_object():
+    with pytest.raises(ValueError, match="fleet_answer_ttl_s"):
+        RedisSettings(lease_ttl_s=1, fleet_answer_ttl_s=2)
+    with pytest.raises(ValueError, match="entry_ttl_s"):
+        RedisSettings(lease_ttl_s=100, entry_ttl_s=10)
+    with pytest.raises(ValueError, match="extra"):
+        RedisSettings(pasword="typo")  # type: ignore[call-arg]
+    s = RedisSettings(cluster=True, pool_size=3, lease_ttl_s=12, batch_interval_s=0.01)
+    assert s.link_options().cluster and s.link_options().pool_size == 3
+    assert s.link_options(pages=True).socket_timeout_s == s.page_timeout_s
+    assert s.directory_options().lease_ttl_s == 12 == s.async_options().lease_ttl_s
+    assert s.async_options().interval_s == 0.01

@@ -12,7 +12,6 @@ and ``async_options()`` for ``AsyncDirectory``. Which Redis is still
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -27,7 +26,8 @@ class RedisSettings(BaseModel):
     cluster: bool = Field(
         default=False,
         description="The URL names one node of a Redis Cluster (redis+cluster://h:p,h:p "
-        "implies it). Every key of one namespace lives in one hash slot.",
+        "implies it). Every key of one namespace lives in one hash slot: the layout "
+        "with the lowest lookup p95 (docs/directory.md).",
     )
     username: str | None = Field(default=None, description="ACL user (default: the URL's).")
     password: SecretStr | None = Field(
@@ -79,11 +79,6 @@ class RedisSettings(BaseModel):
     dedupe_interval_s: float = Field(
         default=1.0, gt=0, description="Fleet dedupe counters are read this often."
     )
-    sharding: Literal["namespace"] = Field(
-        default="namespace",
-        description="Cluster key layout: one hash slot per namespace (measured lowest "
-        "lookup p95, see docs/directory.md).",
-    )
 
     @model_validator(mode="after")
     def _check(self) -> RedisSettings:
@@ -95,6 +90,9 @@ class RedisSettings(BaseModel):
                 raise ValueError(f"redis.{name}: {path} is not a readable file")
         if self.lease_ttl_s > self.entry_ttl_s:
             raise ValueError("redis.lease_ttl_s must not exceed redis.entry_ttl_s")
+        if self.fleet_answer_ttl_s >= self.lease_ttl_s:
+            raise ValueError("redis.fleet_answer_ttl_s must be below redis.lease_ttl_s (an "
+                             "answer is used only while its lease surely holds)")
         return self
 
     def link_options(self, *, pages: bool = False) -> LinkOptions:
