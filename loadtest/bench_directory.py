@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -306,6 +307,7 @@ def main() -> None:
     page_bytes = args.page_kib * 1024
 
     started = time.perf_counter()
+    load_start = os.getloadavg()[0]
     server = RedisProcess()
     try:
         lookups = bench_lookups(server.url, args.repeats, args.lookups)
@@ -321,6 +323,9 @@ def main() -> None:
         "benchmark": "directory",
         "command": "python -m loadtest.bench_directory",
         "machine": {**describe_machine(), "redis_server": server.version},
+        "notes": "2 cores shared with other sessions (load average "
+                 f"{load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end): absolute "
+                 "figures are noisy; compare arms of the same run (they alternate).",
         "repeats": args.repeats,
         "lookups_per_repeat": args.lookups,
         "prompt_tokens": PROMPT_TOKENS,

@@ -42,8 +42,10 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
+from redis._parsers.encoders import Encoder
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.commands.core import Script
 from redis.retry import Retry
 
 logger = logging.getLogger(__name__)
@@ -262,7 +264,7 @@ def classify(exc: BaseException, url: str) -> RedisConfigError | None:
             "to a user allowed to run +@read +@write +@scripting +ping +info +cluster"
         )
     if any(isinstance(e, ssl.SSLError) for e in chain if e is not None) or \
-            "CERTIFICATE_VERIFY_FAILED" in text or "SSL" in text.upper().split(":")[0]:
+            "[SSL" in text or "CERTIFICATE_VERIFY_FAILED" in text:
         return RedisTLSError(
             f"TLS to Redis {redact(url)} failed ({text}): point redis.tls_ca_file at the CA "
             "that signed the server certificate (and check the host name matches it)"
@@ -270,6 +272,25 @@ def classify(exc: BaseException, url: str) -> RedisConfigError | None:
     if isinstance(exc, FileNotFoundError | IsADirectoryError | PermissionError):
         return RedisTLSError(f"a TLS file for Redis {redact(url)} cannot be read: {exc}")
     return None
+
+
+class _ClusterNotYet:
+    """Stands in for a cluster client that could not be built because no node answered
+    (redis-py's cluster client reads the slot map in its constructor). Scripts can be
+    registered on it; every command is an outage until the reconnect loop builds the
+    real client."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def get_encoder(self) -> Encoder:
+        return Encoder("utf-8", "strict", False)
+
+    def register_script(self, script: str) -> Script:
+        return Script(self, script)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        raise redis.exceptions.ConnectionError(f"Redis Cluster not reachable: {self.error}")
 
 
 class RedisLink:
@@ -284,8 +305,13 @@ class RedisLink:
         self.url = check_url(url)
         self.options = options or LinkOptions()
         self.cluster = is_cluster(url, self.options)
+        self._client_name = client_name
         # make_client validates the rest of the URL (port, db...) and raises ValueError.
-        self.client: Any = make_client(url, self.options, client_name)
+        self.client: Any
+        try:
+            self.client = make_client(url, self.options, client_name)
+        except redis.exceptions.RedisClusterException as exc:  # no node answered: start degraded
+            self.client = _ClusterNotYet(exc)
         self._lock = threading.Lock()
         self._queue: deque[Op] = deque()
         self._available = True
@@ -323,6 +349,11 @@ class RedisLink:
 
     def _probe(self) -> None:
         """PING; on a cluster also every slot served (CLUSTER INFO says ok)."""
+        if isinstance(self.client, _ClusterNotYet):
+            try:
+                self.client = make_client(self.url, self.options, self._client_name)
+            except redis.exceptions.RedisClusterException as exc:
+                raise redis.exceptions.ConnectionError(str(exc)) from exc
         self.client.ping()
         if self.cluster:
             info = self.client.cluster_info()

@@ -1,6 +1,10 @@
-"""A real redis-server for tests: free 127.0.0.1 port, nothing persisted, killed at
+"""Real Redis servers for tests, on free 127.0.0.1 ports, nothing persisted, killed at
 teardown. The `redis_server` fixture in conftest.py wraps `RedisServer`; tests that
-need an outage call `kill()` and `restart()` (same port, empty data)."""
+need an outage call `kill()` and `restart()` (same port, empty data).
+
+Fixtures defined here (import them into a test module): `redis_cluster`, one
+3-master + 3-replica Redis Cluster per session (`loadtest/redis_cluster.py`), and
+`tls_redis`, a TLS-only server with an ACL user and the default user off."""
 
 from __future__ import annotations
 

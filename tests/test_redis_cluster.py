@@ -184,3 +184,34 @@ def test_killed_master_costs_misses_then_hits_resume(redis_cluster):  # noqa: F8
         d.close()
         redis_cluster.restart(victim)
         redis_cluster.wait_healthy()
+
+
+def test_cluster_url_parsing():
+    from symram_vllm.redis_link import _cluster_nodes, make_client
+
+    nodes, extra = _cluster_nodes(
+        "rediss+cluster://user:p%40ss@10.0.0.1:7000,10.0.0.2/?ssl_ca_certs=/etc/ca.pem")
+    assert [(n.host, n.port) for n in nodes] == [("10.0.0.1", 7000), ("10.0.0.2", 6379)]
+    assert extra == {"username": "user", "password": "p@ss", "ssl_ca_certs": "/etc/ca.pem"}
+    with pytest.raises(ValueError, match="no host:port"):
+        make_client("redis+cluster://", LinkOptions())
+    with pytest.raises(ValueError, match="unsupported Redis URL"):
+        make_client("http://127.0.0.1:1", LinkOptions())
+
+
+def test_cluster_down_at_start_serves_misses_then_connects(redis_cluster):  # noqa: F811
+    from symram_vllm.serving.engine_process import free_port
+
+    dead = f"redis+cluster://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    d = RedisDirectory(dead, namespace="late-ns", instance_id="a",
+                       options=RedisDirectoryOptions(link=FAST))
+    try:
+        assert time.monotonic() - start < 2.0
+        assert not d.link.available and d.longest_prefix(keys(3, "late")) == 0
+        d.add(keys(3, "late"), "dram")  # queued
+        d.link.url = redis_cluster.url  # the nodes answer now (test-only redirection)
+        assert wait_until(lambda: d.link.available)
+        assert wait_until(lambda: d.longest_prefix(keys(3, "late")) == 3)
+    finally:
+        d.close()
