@@ -41,6 +41,7 @@ from pathlib import Path
 import redis
 
 from loadtest import bench_directory_fleet
+from loadtest.bench_timing import alternate
 from loadtest.machine import describe_machine
 from symram_vllm.directory import Directory, EmbeddedDirectory, namespace_for
 from symram_vllm.directory.redis_directory import RedisDirectory, RedisDirectoryOptions
@@ -59,15 +60,6 @@ BENCH = RedisDirectoryOptions(link=LinkOptions(socket_timeout_s=10.0, connect_ti
 
 def chain(i: int, salt: str = "") -> bytes:
     return hashlib.blake2b(f"{salt}/{i}".encode(), digest_size=32).digest()
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def ms(seconds: float) -> float:
-    return round(seconds * 1e3, 4)
 
 
 class RedisProcess:
@@ -101,31 +93,6 @@ class RedisProcess:
         self.process.kill()
         self.process.wait(timeout=10)
         shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def latencies(fn: Callable[[], object], n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
-
-
-def alternate(repeats: int, n: int, arms: dict[str, Callable[[], object]]) -> dict[str, dict]:
-    """Per arm: median over repeats of each repeat's p50 and p95 (ms)."""
-    names = list(arms)
-    p50: dict[str, list[float]] = {a: [] for a in names}
-    p95: dict[str, list[float]] = {a: [] for a in names}
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            samples = latencies(arms[name], n)
-            p50[name].append(statistics.median(samples))
-            p95[name].append(percentile(samples, 0.95))
-    return {
-        a: {"p50_ms": ms(statistics.median(p50[a])), "p95_ms": ms(statistics.median(p95[a]))}
-        for a in names
-    }
 
 
 def pipeline_lookup(d: RedisDirectory, chain_keys: list[bytes], chunk: int = 32) -> int:

@@ -23,10 +23,10 @@ import hashlib
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from loadtest.bench_timing import alternate, ms, percentile
 from loadtest.redis_cluster import RedisClusterServers, cluster_binaries
 from symram_vllm.directory.async_directory import AsyncDirectory, AsyncDirectoryOptions
 from symram_vllm.directory.batch import DirectoryBatch, LeaseQuery
@@ -40,32 +40,6 @@ RUNNING = 256
 
 def chain(i: int, salt: str = "") -> bytes:
     return hashlib.blake2b(f"{salt}/{i}".encode(), digest_size=32).digest()
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def ms(seconds: float) -> float:
-    return round(seconds * 1e3, 4)
-
-
-def alternate(repeats: int, n: int, arms: dict[str, Callable[[], object]]) -> dict[str, dict]:
-    names = list(arms)
-    p50: dict[str, list[float]] = {a: [] for a in names}
-    p95: dict[str, list[float]] = {a: [] for a in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            samples = []
-            for _ in range(n):
-                start = time.perf_counter()
-                arms[name]()
-                samples.append(time.perf_counter() - start)
-            p50[name].append(statistics.median(samples))
-            p95[name].append(percentile(samples, 0.95))
-    return {a: {"p50_ms": ms(statistics.median(p50[a])), "p95_ms": ms(statistics.median(p95[a]))}
-            for a in names}
 
 
 def spread_keys(ns: str, chain_keys: list[bytes]) -> list[str]:

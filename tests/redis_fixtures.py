@@ -8,11 +8,12 @@ Fixtures defined here (import them into a test module): `redis_cluster`, one
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,26 @@ from loadtest.redis_cluster import RedisClusterServers, answers_ping
 from symram_vllm.serving.engine_process import free_port
 
 START_TIMEOUT_S = 10.0
+
+
+def key(i: int, salt: str = "") -> bytes:
+    """A chain key (32 bytes) for tests: the i-th of a `salt` family."""
+    return hashlib.blake2b(f"{salt}/{i}".encode(), digest_size=32).digest()
+
+
+def keys(n: int, salt: str = "", start: int = 0) -> list[bytes]:
+    return [key(i, salt) for i in range(start, start + n)]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0,
+               step: float = 0.005) -> bool:
+    """Poll `predicate` until true or `timeout`; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
 
 
 def redis_server_binary() -> str | None:

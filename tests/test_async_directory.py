@@ -4,13 +4,11 @@ fleet lookups come back leased at a later step, and nothing queued is lost."""
 
 from __future__ import annotations
 
-import hashlib
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable
 
 import pytest
+from redis_fixtures import key, keys, wait_until
 
 from symram_vllm.directory import EmbeddedDirectory
 from symram_vllm.directory.async_directory import AsyncDirectory, AsyncDirectoryOptions
@@ -19,22 +17,6 @@ from symram_vllm.directory.batch import BatchResult, DirectoryBatch, WriteOp
 
 pytestmark = pytest.mark.timeout(60)
 
-
-def key(i: int, salt: str = "") -> bytes:
-    return hashlib.blake2b(f"{salt}/{i}".encode(), digest_size=32).digest()
-
-
-def keys(n: int, salt: str = "", start: int = 0) -> list[bytes]:
-    return [key(i, salt) for i in range(start, start + n)]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.002)
-    return predicate()
 
 
 class CountingDirectory(EmbeddedDirectory):

@@ -5,13 +5,11 @@ again, and writes queued during an outage reach Redis when it is back."""
 
 from __future__ import annotations
 
-import hashlib
 import threading
-import time
-from collections.abc import Callable
 
 import pytest
 import redis
+from redis_fixtures import key, keys, wait_until
 
 from symram_vllm.directory import open_fleet_directory
 from symram_vllm.directory.async_directory import AsyncDirectory, AsyncDirectoryOptions
@@ -25,22 +23,6 @@ pytestmark = pytest.mark.timeout(120)
 FAST = LinkOptions(socket_timeout_s=0.25, connect_timeout_s=0.25, backoff_initial_s=0.02,
                    backoff_max_s=0.2)
 
-
-def key(i: int, salt: str = "") -> bytes:
-    return hashlib.blake2b(f"{salt}/{i}".encode(), digest_size=32).digest()
-
-
-def keys(n: int, salt: str = "") -> list[bytes]:
-    return [key(i, salt) for i in range(n)]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return predicate()
 
 
 @pytest.fixture

@@ -172,7 +172,7 @@ def test_parse_and_command_checks():
     assert command.args()[2] == 1 and command.args()[-2:] == ["e0", "e1"]
     with pytest.raises(ValueError, match="instance id"):
         locate_command(bytes.fromhex(DIGEST), [chain(1)], ["bad|id"])
-    assert parse_locate([1, 2, 3], ["e0"])["e0"].disk == 2
+    assert parse_locate([1, 2, 3], ["e0"]) == {"e0": (1, 2, 3)}
     with pytest.raises(ValueError, match="answered 2 numbers"):
         parse_locate([1, 2], ["e0"])
 

@@ -6,13 +6,11 @@ after the replica takes over."""
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
-from redis_fixtures import redis_cluster  # noqa: F401 - session fixture
+from redis_fixtures import key, keys, redis_cluster, wait_until  # noqa: F401 - session fixture
 
 from symram_vllm.directory import make_directory, namespace_for
 from symram_vllm.directory.async_directory import AsyncDirectory, AsyncDirectoryOptions
@@ -27,22 +25,6 @@ pytestmark = pytest.mark.timeout(120)
 FAST = LinkOptions(socket_timeout_s=0.5, connect_timeout_s=0.5, backoff_initial_s=0.05,
                    backoff_max_s=0.3)
 
-
-def key(i: int, salt: str = "") -> bytes:
-    return hashlib.blake2b(f"{salt}/{i}".encode(), digest_size=32).digest()
-
-
-def keys(n: int, salt: str = "") -> list[bytes]:
-    return [key(i, salt) for i in range(n)]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def open_dir(cluster, ns: str = "cluster-ns", instance: str = "a", **kw) -> RedisDirectory:
@@ -165,7 +147,7 @@ def test_killed_master_costs_misses_then_hits_resume(redis_cluster):  # noqa: F8
         redis_cluster.kill(victim)
         assert wait_until(lambda: any(r == (0, 0) for r in results[-5:]), 10)  # misses
         assert wait_until(lambda: victim not in redis_cluster.masters()
-                          and len(redis_cluster.masters()) == 3, 30)
+                          and len(redis_cluster.masters()) == 3, 30, step=0.2)
         assert wait_until(lambda: d.longest_prefix(held) == 32, 30), "hits did not resume"
         registered_during = len(results)
         assert wait_until(lambda: len(results) > registered_during + 20)
@@ -211,7 +193,7 @@ def test_cluster_down_at_start_serves_misses_then_connects(redis_cluster):  # no
         assert not d.link.available and d.longest_prefix(keys(3, "late")) == 0
         d.add(keys(3, "late"), "dram")  # queued
         d.link.url = redis_cluster.url  # the nodes answer now (test-only redirection)
-        assert wait_until(lambda: d.link.available)
-        assert wait_until(lambda: d.longest_prefix(keys(3, "late")) == 3)
+        assert wait_until(lambda: d.link.available, 20)
+        assert wait_until(lambda: d.longest_prefix(keys(3, "late")) == 3, 20)
     finally:
         d.close()

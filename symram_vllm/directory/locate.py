@@ -71,15 +71,6 @@ LOCATE_SHA = hashlib.sha1(LOCATE.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
-class Held:
-    """Leading blocks one instance holds: in DRAM, on disk, in any of its tiers."""
-
-    dram: int = 0
-    disk: int = 0
-    any: int = 0
-
-
-@dataclass(frozen=True)
 class LocateCommand:
     """One namespace's script call: EVALSHA LOCATE_SHA len(keys) *keys *instances."""
 
@@ -100,9 +91,12 @@ def locate_command(
                          [check_name("instance id", i) for i in instances])
 
 
-def parse_locate(answer: Sequence[object], instances: Sequence[str]) -> dict[str, Held]:
-    """The script's flat answer as {instance: Held}; ValueError if it is malformed."""
+def parse_locate(answer: Sequence[object], instances: Sequence[str]
+                 ) -> dict[str, tuple[int, int, int]]:
+    """The script's flat answer as {instance: (dram, disk, any)} leading blocks;
+    ValueError if it is malformed."""
     values = [int(v) for v in answer]  # type: ignore[call-overload]
     if len(values) != 3 * len(instances):
         raise ValueError(f"LOCATE answered {len(values)} numbers for {len(instances)} instances")
-    return {inst: Held(*values[3 * j : 3 * j + 3]) for j, inst in enumerate(instances)}
+    return {inst: (values[3 * j], values[3 * j + 1], values[3 * j + 2])
+            for j, inst in enumerate(instances)}

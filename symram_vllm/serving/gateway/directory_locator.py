@@ -101,8 +101,7 @@ class DirectoryLocator(PrefixLocator):
             held = parse_locate(answer, instances)
             for q in members:
                 assert q.backend.info is not None
-                h = held[q.backend.info.instance_id]
-                hits[q.backend.name] = PrefixHit(h.dram, h.disk, h.any)
+                hits[q.backend.name] = PrefixHit(*held[q.backend.info.instance_id])
         return hits
 
     async def aclose(self) -> None:
