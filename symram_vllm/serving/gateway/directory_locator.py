@@ -51,6 +51,8 @@ class DirectoryLocator(PrefixLocator):
         self.retry_after_s = retry_after_s
         self.client: Any = make_async_client(url, self.options, client_name="symram-gateway")
         self._down_until = 0.0
+        # The first call also connects and loads the script: give it a second.
+        self._warm = False
         self.counters = {"directory": 0, "fallback": 0, "errors": 0, "round_trips": 0}
 
     async def locate(self, queries: Sequence[LocateQuery]) -> dict[str, PrefixHit]:
@@ -60,7 +62,9 @@ class DirectoryLocator(PrefixLocator):
         hits: dict[str, PrefixHit] = {}
         if known and time.monotonic() >= self._down_until:
             try:
-                hits = await asyncio.wait_for(self._ask(known), self.timeout_s)
+                budget = self.timeout_s if self._warm else max(self.timeout_s, 1.0)
+                hits = await asyncio.wait_for(self._ask(known), budget)
+                self._warm = True
                 self.counters["directory"] += 1
             except (redis.RedisError, OSError, asyncio.TimeoutError, ValueError) as exc:
                 self.counters["errors"] += 1
