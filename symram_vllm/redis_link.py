@@ -91,9 +91,9 @@ class LinkOptions:
     backoff_initial_s: float = 0.05
     backoff_max_s: float = 5.0
     queue_max_ops: int = 10_000
-    # Connections per node (redis-py pool size); the directory's background thread
-    # needs one, callers of the synchronous API one each.
-    pool_size: int = 8
+    # Most connections per node; None = as many as callers need (redis-py's default).
+    # A full pool is not an outage: the call gets its fallback, the breaker stays shut.
+    pool_size: int | None = None
     # Redis Cluster for a plain redis:// or rediss:// URL (the cluster schemes imply it).
     cluster: bool = False
     # ACL user and password (override any in the URL).
@@ -114,7 +114,7 @@ class LinkOptions:
             raise ValueError("LinkOptions.backoff_max_s must be >= backoff_initial_s")
         if self.queue_max_ops < 1:
             raise ValueError(f"LinkOptions.queue_max_ops must be >= 1, got {self.queue_max_ops}")
-        if self.pool_size < 1:
+        if self.pool_size is not None and self.pool_size < 1:
             raise ValueError(f"LinkOptions.pool_size must be >= 1, got {self.pool_size}")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("LinkOptions: set tls_cert_file and tls_key_file together")
@@ -123,8 +123,9 @@ class LinkOptions:
 def check_url(url: str) -> str:
     """Return `url` if it names a Redis server symram can use, else raise ValueError."""
     if not isinstance(url, str) or not url.startswith(SUPPORTED_SCHEMES):
+        shown = redact(url) if isinstance(url, str) else url
         raise ValueError(
-            f"unsupported Redis URL {url!r}: use redis://host:port/db, rediss://... (TLS), "
+            f"unsupported Redis URL {shown!r}: use redis://host:port/db, rediss://... (TLS), "
             "unix:///path/to/redis.sock or redis+cluster://host:port,host:port (Cluster)"
         )
     return url
@@ -148,8 +149,9 @@ def _client_kwargs(url: str, options: LinkOptions, client_name: str) -> dict[str
         "socket_connect_timeout": options.connect_timeout_s,
         "health_check_interval": 0,
         "client_name": client_name,
-        "max_connections": options.pool_size,
     }
+    if options.pool_size is not None:
+        kwargs["max_connections"] = options.pool_size
     if options.username is not None:
         kwargs["username"] = options.username
     if options.password is not None:
@@ -374,6 +376,8 @@ class RedisLink:
             return fallback
         try:
             return op(self.client)
+        except redis.exceptions.MaxConnectionsError as exc:
+            self._error(exc)
         except OUTAGE_ERRORS as exc:
             self._trip(exc)
         except redis.RedisError as exc:
@@ -388,6 +392,8 @@ class RedisLink:
                 return
         try:
             op(self.client)
+        except redis.exceptions.MaxConnectionsError as exc:
+            self._error(exc)
         except OUTAGE_ERRORS as exc:
             with self._lock:
                 self._enqueue_locked(op)

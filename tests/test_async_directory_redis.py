@@ -173,3 +173,17 @@ def test_fleet_directory_from_settings(redis_server):
         assert not embedded.inner.shared
     finally:
         embedded.close()
+
+
+def test_a_full_connection_pool_is_not_an_outage(redis_server):
+    d = RedisDirectory(redis_server.url, namespace="ns-pool", instance_id="a",
+                       options=RedisDirectoryOptions(link=LinkOptions(pool_size=1)))
+    try:
+        d.add(keys(2, "pool"), "dram")
+        held = d.link.client.connection_pool.get_connection()  # the only connection
+        assert d.longest_prefix(keys(2, "pool")) == 0  # the fallback, at once
+        assert d.link.available and d.link.outages == 0
+        d.link.client.connection_pool.release(held)
+        assert d.longest_prefix(keys(2, "pool")) == 2
+    finally:
+        d.close()

@@ -51,7 +51,10 @@ class RedisSettings(BaseModel):
     page_timeout_s: float = Field(
         default=2.0, gt=0, le=60, description="Page tier reads/writes (pages are large)."
     )
-    pool_size: int = Field(default=8, ge=1, le=1024, description="Connections per node.")
+    pool_size: int | None = Field(
+        default=None, ge=1, le=4096,
+        description="Most connections per node; unset = as many as callers need.",
+    )
     backoff_max_s: float = Field(
         default=5.0, gt=0, description="Longest pause between reconnect probes."
     )
