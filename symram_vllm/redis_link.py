@@ -350,19 +350,22 @@ class RedisLink:
         return False
 
     def _probe(self) -> None:
-        """PING; on a cluster also every slot served (CLUSTER INFO says ok)."""
+        """PING; on a cluster every master, and every slot served (CLUSTER INFO ok)."""
         if isinstance(self.client, _ClusterNotYet):
             try:
                 self.client = make_client(self.url, self.options, self._client_name)
             except redis.exceptions.RedisClusterException as exc:
                 raise redis.exceptions.ConnectionError(str(exc)) from exc
-        self.client.ping()
-        if self.cluster:
-            info = self.client.cluster_info()
-            if isinstance(info, dict) and info.get("cluster_state") not in (None, "ok"):
-                raise redis.exceptions.ClusterDownError(
-                    f"cluster_state is {info.get('cluster_state')}"
-                )
+        if not self.cluster:
+            self.client.ping()
+            return
+        # Every master of the slot map: a random node answers long before a dead
+        # master's slots have moved, and closing the breaker then would only trip it
+        # again. A failed probe re-reads the map (_drop_connections).
+        self.client.ping(target_nodes=RedisCluster.PRIMARIES)
+        info = self.client.cluster_info()
+        if isinstance(info, dict) and info.get("cluster_state") not in (None, "ok"):
+            raise redis.exceptions.ClusterDownError(f"cluster_state is {info.get('cluster_state')}")
 
     # -- calls -----------------------------------------------------------------------------
     @property

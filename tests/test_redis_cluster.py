@@ -157,7 +157,11 @@ def test_killed_master_costs_misses_then_hits_resume(redis_cluster):  # noqa: F8
     try:
         assert not failures
         assert all(n in (0, 32) and m == 0 for n, m in results)  # a miss, never a wrong hit
-        assert d.link.outages >= 1 and d.link.available
+        assert d.link.available
+        # One outage per failover: the breaker stays open until every master of the
+        # re-read slot map answers (a random node would answer too early and the
+        # breaker would flap). A loaded machine may add one more timeout.
+        assert 1 <= d.link.outages <= 2 and 1 <= fleet.inner.link.outages <= 2
         # Writes queued by the async directory during the outage were replayed.
         late = [key(i, "async") for i in range(len(results) - 10, len(results))]
         assert wait_until(lambda: fleet.inner.longest_prefix(late) == len(late), 10)
