@@ -228,3 +228,29 @@ def test_directory_code_the_gateway_uses_has_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=False)
     assert out.returncode == 0, out.stdout[-500:] + out.stderr[-500:]
+
+
+def test_slow_directory_costs_a_few_requests_then_the_breaker_opens():
+    import socket
+
+    fallback = Recorder()
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+
+        async def scenario():
+            locator = DirectoryLocator(url, fallback=fallback, timeout_s=0.05,
+                                       retry_after_s=30)
+            try:
+                start = time.monotonic()
+                for _ in range(10):
+                    await locator.locate([LocateQuery(backend("a", "e0"), [chain(1)])])
+                return time.monotonic() - start, locator.counters
+            finally:
+                await locator.aclose()
+
+        elapsed, counters = run(scenario())
+    # Three slow answers in a row (each a fallback for its request) open the breaker.
+    assert counters["errors"] == 3 and len(fallback.asked) == 10
+    assert elapsed < 2.0

@@ -292,6 +292,9 @@ def test_repeats_under_load_go_to_the_prefix_holder_by_directory(stack, artifact
         # Control-endpoint lookups (the fallback) get 1 ms: busy engines cannot answer
         # in time, so prefix routes here come from the directory.
         "SYMRAM_GATEWAY_ROUTING__LOOKUP_TIMEOUT_S": "0.001",
+        # This 2-core host also runs both engines (and other sessions): the gateway
+        # itself can be starved for longer than the production directory budget.
+        "SYMRAM_GATEWAY_ROUTING__DIRECTORY_TIMEOUT_S": "1",
         "SYMRAM_GATEWAY_ROUTING__PREFETCH": "false",
         # A matched 128-token block outweighs one request in flight on the holder.
         "SYMRAM_GATEWAY_ROUTING__LOAD_PENALTY_TOKENS": "128"})

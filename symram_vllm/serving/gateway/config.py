@@ -122,7 +122,7 @@ class RoutingConfig(BaseModel):
         default=None, description="The engines' shared Redis directory (redis://, rediss://, "
         "redis+cluster://): prefix lookups read it in one round trip; the control endpoints "
         "are the fallback. Unset = ask the control endpoints.")
-    directory_timeout_s: float = Field(default=0.1, gt=0, description="Directory lookup budget")
+    directory_timeout_s: float = Field(default=0.25, gt=0, description="Directory lookup budget")
     tokenize_timeout_s: float = Field(default=2.0, gt=0)
     load_penalty_tokens: float = Field(
         default=512, ge=0,

@@ -9,8 +9,9 @@ Cluster), so the gateway reads it there: one pipelined round trip for all engine
 
 The control endpoints stay the fallback: for engines whose directory instance id the
 gateway does not know (an engine without ``instance_id``), and for everyone while the
-directory is unreachable. A failed directory call opens a short breaker
-(``retry_after_s``) so an outage costs one timeout, not one per request.
+directory is unreachable. A failed directory call (or SLOW_TRIPS slow ones in a row)
+opens a short breaker (``retry_after_s``) so an outage costs one timeout, not one per
+request.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ from symram_vllm.serving.gateway.locator import LocateQuery, PrefixHit, PrefixLo
 
 logger = logging.getLogger("symram.gateway")
 
+# Slow directory answers in a row before the breaker opens (one slow answer on a busy
+# host is not an outage).
+SLOW_TRIPS = 3
+
 
 class DirectoryLocator(PrefixLocator):
     # The gateway may look keys up for an engine whose control endpoint is down.
@@ -40,7 +45,7 @@ class DirectoryLocator(PrefixLocator):
         *,
         fallback: PrefixLocator | None = None,
         options: LinkOptions | None = None,
-        timeout_s: float = 0.1,
+        timeout_s: float = 0.25,
         retry_after_s: float = 1.0,
     ) -> None:
         self.url = url
@@ -53,6 +58,7 @@ class DirectoryLocator(PrefixLocator):
         self._down_until = 0.0
         # The first call also connects and loads the script: give it a second.
         self._warm = False
+        self._slow = 0  # timeouts in a row
         self.counters = {"directory": 0, "fallback": 0, "errors": 0, "round_trips": 0}
 
     async def locate(self, queries: Sequence[LocateQuery]) -> dict[str, PrefixHit]:
@@ -65,12 +71,10 @@ class DirectoryLocator(PrefixLocator):
                 budget = self.timeout_s if self._warm else max(self.timeout_s, 1.0)
                 hits = await asyncio.wait_for(self._ask(known), budget)
                 self._warm = True
+                self._slow = 0
                 self.counters["directory"] += 1
             except (redis.RedisError, OSError, asyncio.TimeoutError, ValueError) as exc:
-                self.counters["errors"] += 1
-                self._down_until = time.monotonic() + self.retry_after_s
-                logger.warning("prefix lookup in the directory %s failed (%r); asking the "
-                               "engines for %.1f s", redact(self.url), exc, self.retry_after_s)
+                self._failed(exc)
                 rest = list(queries)
         elif known:
             rest = list(queries)
@@ -78,6 +82,19 @@ class DirectoryLocator(PrefixLocator):
             self.counters["fallback"] += 1
             hits.update(await self.fallback.locate(rest))
         return hits
+
+    def _failed(self, exc: BaseException) -> None:
+        """A slow answer costs this request its directory lookup; an error, or
+        SLOW_TRIPS slow answers in a row, stops asking for retry_after_s."""
+        self.counters["errors"] += 1
+        if isinstance(exc, asyncio.TimeoutError | redis.exceptions.TimeoutError):
+            self._slow += 1
+            if self._slow < SLOW_TRIPS:
+                return
+        self._slow = 0
+        self._down_until = time.monotonic() + self.retry_after_s
+        logger.warning("prefix lookup in the directory %s failed (%r); asking the engines "
+                       "for %.1f s", redact(self.url), exc, self.retry_after_s)
 
     async def _ask(self, queries: Sequence[LocateQuery], reload: bool = True
                    ) -> dict[str, PrefixHit]:
@@ -121,7 +138,7 @@ def make_locator(routing: Any, control: PrefixLocator) -> PrefixLocator:
         return control
     try:
         return DirectoryLocator(url, fallback=control,
-                                timeout_s=getattr(routing, "directory_timeout_s", 0.1))
+                                timeout_s=getattr(routing, "directory_timeout_s", 0.25))
     except ValueError as exc:
         logger.error("routing.directory_url %s unusable (%s): routing with the engines' "
                      "control endpoints", redact(url), exc)
