@@ -194,7 +194,7 @@ def test_seed_counts_every_slot_of_a_shared_disk_path(tmp_path):
         b.shutdown()
     side = SchedulerSide(SIG, BS, SymramConfig(disk_path=tmp_path), disk_tier="disk.x")
     assert side.seed_from_disk(1) == 2
-    assert side.directory.tiers_of(KEYS[1]) == {"disk.x"}
+    assert side.directory.tiers_local(KEYS[1:2]) == [frozenset({"disk.x"})]
     private = SchedulerSide(SIG, BS, SymramConfig(disk_path=tmp_path, disk_share=False))
     assert private.seed_from_disk(1) == 1
 
@@ -294,6 +294,17 @@ class Tally:
         return counted
 
 
+def ask(side: SchedulerSide, request: FakeRequest, computed: int = 0):
+    """get_num_new_matched_tokens as vLLM drives it: a fleet lookup is answered at a
+    later step (the first call says "ask again"), after the directory's batch went."""
+    side.directory.flush()  # what earlier steps queued is in Redis
+    answer = side.get_num_new_matched_tokens(request, computed)
+    if answer[0] is None:
+        assert side.directory.flush()
+        answer = side.get_num_new_matched_tokens(request, computed)
+    return answer
+
+
 def scheduler(url: str, instance: str, shared: frozenset[str], table: dict) -> SchedulerSide:
     directory = make_directory(url, namespace=SIG, instance_id=instance, shared_tiers=shared)
     side = SchedulerSide(SIG, BS, SymramConfig(), directory=directory, page_bytes=PAGE,
@@ -312,29 +323,35 @@ def test_other_instances_blocks_count_only_in_shared_tiers(redis_server):
     a._state(req)
     meta = a.build_connector_meta(sched_output(new=[("p-1", 0)], scheduled={"p-1": 3 * BS + 5}))
     keys = meta.saves[0].keys
-    # One batched tier query and one dedupe record for the request's step.
-    assert a.directory.calls.get("tiers_of_many") == 1 and "tiers_of" not in a.directory.calls
+    # One in-process held query and one dedupe record for the request's step.
+    assert a.directory.calls.get("held_local") == 1 and a.directory.calls["end_step"] == 1
     a.update_connector_output(worker_meta(stored=keys, processed=keys))
+    a.directory.flush()
     other = FakeRequest("p-2", 3 * BS + 5)
     # Only in A's DRAM: private to A.
-    assert b.get_num_new_matched_tokens(other, 0) == (0, False)
+    assert ask(b, other) == (0, False)
     a.update_connector_output(worker_meta(redis_stored=keys[:2]))
-    assert b.get_num_new_matched_tokens(other, 0) == (2 * BS, True)
-    assert loner.get_num_new_matched_tokens(other, 0) == (0, False)
+    a.directory.flush()
+    assert ask(b, other) == (2 * BS, True)
+    assert ask(loner, other) == (0, False)
     # The promised load is leased until it finishes.
     r = redis.Redis.from_url(url)
     lease = RedisKeys(namespace_for(SIG)).lease(keys[0])
     assert r.hget(lease, "b") == b"1"
     b.update_state_after_alloc(other, FakeBlocks([9, 8, 7, 6]), 2 * BS)
     b.update_connector_output(None, {"p-2"})
+    b.directory.flush()
+    b.directory.flush()
     assert not r.exists(lease)
     # A Redis eviction reported by any engine removes the block for everyone.
     a.update_connector_output(worker_meta(redis_removed=keys[1:2]))
-    assert b.get_num_new_matched_tokens(FakeRequest("p-3", 3 * BS + 5), 0) == (BS, True)
+    a.directory.flush()
+    assert ask(b, FakeRequest("p-3", 3 * BS + 5)) == (BS, True)
     # A load that found nothing makes the directory forget the location that misled it.
     b.update_connector_output(worker_meta(load_failed=keys[:1]))
-    assert b.get_num_new_matched_tokens(FakeRequest("p-4", 3 * BS + 5), 0) == (0, False)
-    assert a.get_num_new_matched_tokens(FakeRequest("p-5", 3 * BS + 5), 0) == (3 * BS, True)
+    b.directory.flush()
+    assert ask(b, FakeRequest("p-4", 3 * BS + 5)) == (0, False)
+    assert ask(a, FakeRequest("p-5", 3 * BS + 5)) == (3 * BS, True)
 
 
 def test_disk_locations_removed_per_instance_and_dedupe_is_fleet_wide(redis_server):
@@ -349,17 +366,22 @@ def test_disk_locations_removed_per_instance_and_dedupe_is_fleet_wide(redis_serv
     keys = ma.saves[0].keys
     assert mb.saves[0].keys == keys  # both computed it before either stored it
     a.update_connector_output(worker_meta(disk_stored=keys, processed=keys))
+    a.directory.flush()
     b.update_connector_output(worker_meta(disk_stored=keys, processed=keys))
+    b.directory.flush()
     # Same prompt, two engines, 3 blocks: stored once as far as dedupe is concerned.
+    assert a.directory.flush()  # a batch after both engines' writes reads the counters
     d = a.directory.dedupe()
     assert (d.logical_blocks, d.physical_blocks) == (6, 3)
     assert d.physical_bytes == 3 * PAGE
     # A evicts its copy: B's copy in its own slot still serves everyone.
     a.update_connector_output(worker_meta(disk_removed=keys))
+    a.directory.flush()
     probe = FakeRequest("p-3", 3 * BS + 1)
-    assert a.get_num_new_matched_tokens(probe, 0) == (3 * BS, True)
+    assert ask(a, probe) == (3 * BS, True)
     b.update_connector_output(worker_meta(removed=keys))
-    assert a.get_num_new_matched_tokens(FakeRequest("p-4", 3 * BS + 1), 0) == (0, False)
+    b.directory.flush()
+    assert ask(a, FakeRequest("p-4", 3 * BS + 1)) == (0, False)
     _, gauges = a.take_stats()
     assert gauges["dedupe_physical_bytes"] == 3 * PAGE and gauges["dedupe_ratio"] == 2.0
     assert gauges["directory_available"] == 1.0

@@ -105,6 +105,10 @@ class AsyncDirectory:
         self._stepped_at = 0.0
         self._wake = threading.Event()
         self._closed = threading.Event()
+        # flush(): requests made, and the last request whose batch has been applied.
+        self._flush_asked = 0
+        self._flush_done = 0
+        self._flushed = threading.Condition(self._lock)
         self._thread = threading.Thread(target=self._run, name="symram-directory", daemon=True)
         self._thread.start()
 
@@ -221,6 +225,18 @@ class AsyncDirectory:
         self._stepped_at = time.monotonic()
         self._wake.set()
 
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Send everything queued now and wait until it is applied (lookups answered).
+        For shutdown and tests; never called on the scheduling path."""
+        with self._lock:
+            self._flush_asked += 1
+            target = self._flush_asked
+            self._dedupe_due = 0.0  # the flushed batch reads the dedupe counters too
+        self._stepped_at = time.monotonic()
+        self._wake.set()
+        with self._flushed:
+            return self._flushed.wait_for(lambda: self._flush_done >= target, timeout)
+
     def dedupe(self) -> DedupeStats:
         """Fleet dedupe counters as of the last read (every ``dedupe_interval_s``)."""
         return self._dedupe
@@ -254,8 +270,9 @@ class AsyncDirectory:
             self._send_once(sent_at)
         self._send_once(time.monotonic())  # writes queued before close still go out
 
-    def _drain(self, now: float) -> tuple[DirectoryBatch, list[str]]:
+    def _drain(self, now: float) -> tuple[DirectoryBatch, list[str], int]:
         with self._lock:
+            flush_asked = self._flush_asked
             batch, self._writes, self._queued_keys = self._writes, DirectoryBatch(), 0
             ids = [request_id for request_id, _ in self._leases]
             batch.leases = [query for _, query in self._leases]
@@ -263,12 +280,19 @@ class AsyncDirectory:
         if now >= self._dedupe_due:
             batch.read_dedupe = True
             self._dedupe_due = now + self.options.dedupe_interval_s
-        return batch, ids
+        return batch, ids, flush_asked
 
     def _send_once(self, now: float) -> None:
-        batch, ids = self._drain(now)
-        if not batch:
-            return
+        batch, ids, flush_asked = self._drain(now)
+        try:
+            if batch:
+                self._apply(batch, ids, now)
+        finally:
+            with self._flushed:
+                self._flush_done = max(self._flush_done, flush_asked)
+                self._flushed.notify_all()
+
+    def _apply(self, batch: DirectoryBatch, ids: list[str], now: float) -> None:
         started = time.monotonic()
         try:
             result = self.inner.apply_batch(batch)
