@@ -86,7 +86,9 @@ def write_manifest(
     prev = _GENESIS
     count = 0
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        # 0600 like the pages it lists (their keys say which prefixes are cached).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             header = {"format": FORMAT, "version": VERSION, "meta": meta or {}}
             prev = _emit(f, {"header": header}, prev, secret)
             for entry in entries:
