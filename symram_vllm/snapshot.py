@@ -9,7 +9,8 @@ the first record touched, and :func:`read_manifest` names that record.
 Without a secret the chain is tamper-*evident* against partial edits and
 corruption (anyone can recompute a whole new chain). With ``secret`` (keyed
 BLAKE2b, e.g. from $SYMRAM_SNAPSHOT_KEY) it is a MAC chain: a forger without the
-key cannot produce a manifest that verifies.
+key cannot produce a manifest that verifies. ``snapshot_secret`` reads that key;
+whoever holds it signs and accepts only manifests keyed with it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+SNAPSHOT_KEY_ENV = "SYMRAM_SNAPSHOT_KEY"
 FORMAT = "symram-manifest"
 VERSION = 1
 _PERSON = b"symram-manifest"
@@ -57,6 +59,12 @@ class ManifestError(ValueError):
         self.index = index
         self.key = key
         self.reason = reason
+
+
+def snapshot_secret() -> bytes | None:
+    """The snapshot key from $SYMRAM_SNAPSHOT_KEY, or None when it is not set."""
+    value = os.environ.get(SNAPSHOT_KEY_ENV)
+    return value.encode() if value else None
 
 
 def _canonical(body: dict[str, Any]) -> bytes:

@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from symram_vllm.codecs.base import CorruptPageError
 from symram_vllm.codecs.zstd import ZstdCodec
 from symram_vllm.keys import BlockKey
-from symram_vllm.snapshot import ManifestError, read_manifest, write_manifest
+from symram_vllm.snapshot import ManifestError, read_manifest, snapshot_secret, write_manifest
 from symram_vllm.tiers.aligned_io import (
     AlignedBuffer,
     FileIO,
@@ -96,7 +96,6 @@ logger = logging.getLogger(__name__)
 
 DiskEvictCallback = Callable[[BlockKey], None]
 VictimChooser = Callable[[list[BlockKey]], BlockKey]
-SNAPSHOT_KEY_ENV = "SYMRAM_SNAPSHOT_KEY"
 
 
 class DiskTierConfig(BaseModel):
@@ -248,7 +247,7 @@ class DiskTier(Tier):
         manifest_path = self.root / MANIFEST_NAME
         if self.config.manifest and manifest_path.exists():
             try:
-                manifest = read_manifest(manifest_path, secret=_snapshot_secret())
+                manifest = read_manifest(manifest_path, secret=snapshot_secret())
                 listed = {e.file: e for e in manifest.entries if e.tier == "disk"}
             except ManifestError as exc:
                 self._counters["manifest_rejected"] += 1
@@ -790,7 +789,7 @@ class DiskTier(Tier):
             path,
             manifest_entries(iter(self.index_snapshot())),
             meta={"tier": "disk", "root": str(self.root), "budget_bytes": self.budget_bytes},
-            secret=_snapshot_secret(),
+            secret=snapshot_secret(),
         )
         return path
 
@@ -818,7 +817,3 @@ def _deliver(view: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     target.copy_(view)
     return target
 
-
-def _snapshot_secret() -> bytes | None:
-    value = os.environ.get(SNAPSHOT_KEY_ENV)
-    return value.encode() if value else None

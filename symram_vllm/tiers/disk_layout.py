@@ -30,6 +30,7 @@ from symram_vllm.tiers.crypto import PageCipher
 from symram_vllm.tiers.page_format import (
     HEADER_BYTES,
     PageCorrupt,
+    PageHeader,
     check_readable,
     unpack_header,
     verify,
@@ -161,7 +162,9 @@ def rebuild_index(
             report.from_manifest += 1
             continue
         try:
-            entry = read_entry(f, key, io, header_buf, cipher)
+            header = read_header(f, key, io, header_buf)
+            check_readable(header, cipher)
+            entry = entry_of(header)
         except PageCorrupt as exc:
             report.corrupt.append((f.path, exc))
             continue
@@ -190,19 +193,19 @@ def _tighten(f: FoundFile) -> int:
     return 1
 
 
-def read_entry(
-    f: FoundFile,
-    key: BlockKey,
-    io: FileIO,
-    header_buf: AlignedBuffer,
-    cipher: PageCipher | None = None,
-) -> DiskEntry:
+def read_header(f: FoundFile, key: BlockKey, io: FileIO, header_buf: AlignedBuffer) -> PageHeader:
+    """`f`'s header, checked against its name and size (not against any key policy:
+    ``symram snapshot`` indexes sealed pages without holding the key). Raises
+    PageCorrupt."""
     n = io.read_into(f.path, [header_buf.view(HEADER_BYTES)])
     if n < HEADER_BYTES:
         raise PageCorrupt("truncated", f"{f.rel}: {n} bytes, shorter than a header")
     header = unpack_header(header_buf.view(HEADER_BYTES))
     verify(header, key, f.size)
-    check_readable(header, cipher)
+    return header
+
+
+def entry_of(header: PageHeader) -> DiskEntry:
     return DiskEntry(
         header.file_bytes, header.payload_len, header.payload_crc, header.codec, header.position
     )
