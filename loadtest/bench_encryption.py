@@ -42,7 +42,8 @@ from symram_vllm.tiers.page_format import HEADER_BYTES, unpack_header
 
 RESULTS = Path(__file__).parent / "results"
 TARGET = 1.1
-PAGE_BYTES = 16 * BYTES_PER_TOKEN_MID  # one 16-token block of the mid model, all layers
+# One page of the mid model as the engine saves it: a 128-token block, all layers (1.5 MiB).
+PAGE_BYTES = 128 * BYTES_PER_TOKEN_MID
 ARMS = ("plain", "encrypted")
 
 
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="engine repeats per arm")
     parser.add_argument("--disk-repeats", type=int, default=5)
-    parser.add_argument("--disk-pages", type=int, default=256)
+    parser.add_argument("--disk-pages", type=int, default=32)
     parser.add_argument("--size", default="mid", choices=["tiny", "mid"])
     parser.add_argument("--no-engine", action="store_true", help="skip the TTFT part")
     parser.add_argument("--out", type=Path, default=RESULTS / "encryption.json")

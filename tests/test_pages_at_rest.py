@@ -250,6 +250,7 @@ def test_forged_redis_values_are_rejected_and_deleted(redis_server):
         extra = secure.stats().extra
         assert extra["auth_failures"] == 1 and extra["plaintext_rejected"] == 1
         assert secure.stats().integrity_failures == 2
+        assert secure.counters()["integrity_failures"] == 2  # what the worker reports
         assert secure.get(bkey(2)) == kv_page(OTHER_PROMPT).numpy().tobytes()
     finally:
         secure.close()

@@ -282,6 +282,12 @@ class RedisPageTier:
         return bool(reply[0])
 
     # -- housekeeping ------------------------------------------------------------------------
+    def counters(self) -> dict[str, float]:
+        """This object's failure and repair counters (no round trip to Redis)."""
+        out = {k: float(v) for k, v in self._counters.items()}
+        out["integrity_failures"] = float(self._stats.integrity_failures)
+        return out
+
     def stats(self) -> TierStats:
         """This object's counters plus the namespace's fleet-wide usage (one round
         trip; usage reads 0 while Redis is down)."""
