@@ -1,9 +1,11 @@
 """KV sharing across engine instances, without an engine: the worker halves of two
 "engines" over one disk_path or one Redis page tier, and the scheduler halves over one
-real redis-server directory (no fakes for Redis)."""
+real redis-server directory (no fakes for Redis). Every test runs with plaintext pages
+and with encryption required (pages sealed with AES-256-GCM, tests/at_rest.py)."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 import torch
+from at_rest import MASTER_KEY, MODES
 from test_connector_halves import BS, SIG, FakeBlocks, FakeRequest, kv_caches, sched_output
 
 from symram_vllm.config import SymramConfig
@@ -28,6 +31,16 @@ pytestmark = pytest.mark.timeout(120)
 
 PAGE = 2 * 2 * BS * 64 * 2  # kv_caches(): 2 layers x 2 heads x BS tokens x 64 x bf16
 KEYS = [bytes([i + 1]) * 32 for i in range(4)]
+AT_REST: dict[str, str] = {}  # config for the test's mode, set by `at_rest`
+
+
+@pytest.fixture(autouse=True, params=MODES)
+def at_rest(request, monkeypatch) -> str:
+    sealed = {"encryption": "required", "encryption_key": MASTER_KEY.hex()}
+    monkeypatch.setattr(
+        sys.modules[__name__], "AT_REST", sealed if request.param == "sealed" else {}
+    )
+    return request.param
 
 
 def drain(worker: WorkerSide) -> set[str]:
@@ -63,7 +76,8 @@ def load(side: WorkerSide, req: str, block_ids: list[int], keys: list[bytes]) ->
 def disk_config(path: Path, **kw) -> SymramConfig:
     return SymramConfig(
         dram_bytes=16 * PAGE, disk_path=path, disk_bytes=64 * PAGE,
-        policy={"write_policy": "write_through_selective", "write_through_hits": 0}, **kw,
+        policy={"write_policy": "write_through_selective", "write_through_hits": 0},
+        **{**AT_REST, **kw},
     )
 
 
@@ -201,7 +215,7 @@ def test_seed_counts_every_slot_of_a_shared_disk_path(tmp_path):
 
 # -- Redis page tier -------------------------------------------------------------------------
 def redis_config(url: str, **kw) -> SymramConfig:
-    kw = {"dram_bytes": 16 * PAGE, "redis_pages_bytes": 64 * PAGE, **kw}
+    kw = {"dram_bytes": 16 * PAGE, "redis_pages_bytes": 64 * PAGE, **AT_REST, **kw}
     return SymramConfig(directory_url=url, **kw)
 
 
