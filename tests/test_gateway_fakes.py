@@ -40,6 +40,7 @@ from symram_vllm.tiers.stack import TierStack
 PAGE = 4096
 BLOCK = 4
 SIGNATURE = "5a" * 32
+CONTROL_TOKEN = "fake-control-token-0123456789"  # shared by fake engines and gateways
 
 
 def free_port() -> int:
@@ -101,7 +102,7 @@ class FakeEngine:
             disk = DiskTier(disk_path, 512 * (HEADER_BYTES + PAGE), config=DiskTierConfig())
         policy = PolicyConfig(recompute={"block_tokens": BLOCK, "seconds_per_token": 1e-3})
         self.stack = TierStack(PAGE, dram_pages * PAGE, disk, config=policy, pin_memory=False)
-        self.control = ControlServer(self.stack, rank=0, info={
+        self.control = ControlServer(self.stack, token=CONTROL_TOKEN, rank=0, info={
             "instance_id": name, "signature_digest": signature, "block_size": BLOCK,
             "tp_size": 1, "codec": "none", "model": "demo"}) if control else None
         self.healthy = True
@@ -282,6 +283,7 @@ class FakeEngine:
 def gateway_config(engines: list[FakeEngine], **overrides: Any) -> GatewayConfig:
     timeouts = {"health_interval_s": 0.2, "stats_interval_s": 0.2, "health_timeout_s": 1.0,
                 "eject_after_failures": 1, **overrides.pop("timeouts", {})}
+    overrides.setdefault("control_token", CONTROL_TOKEN)
     return GatewayConfig(backends=[e.backend_spec() for e in engines], timeouts=timeouts,
                          **overrides)
 

@@ -1,0 +1,206 @@
+"""What stands between the network and the engine's control endpoint.
+
+The control endpoint runs inside the vLLM worker process, so every CPU cycle it spends
+holding the GIL is a cycle the model runner waits for. The audit showed a flood of
+large lookups from 8 clients slowing 64-token generation from 0.14 s to over 1 s. The
+guard is a pure ASGI wrapper, in front of every route, that keeps the control plane
+off the worker's hot path:
+
+* **A shared token.** Every path but ``/health`` needs ``Authorization: Bearer TOKEN``
+  (compared in constant time). Without it the endpoint is a prefix-membership oracle.
+* **Bounded bodies.** A declared ``Content-Length`` over the limit is refused before
+  any byte of the body is read; a chunked body is cut off at the limit.
+* **A per-client rate limit** (token bucket per peer address).
+* **A CPU budget.** The event-loop thread that parses and answers requests may use at
+  most ``cpu_share`` of one core, measured with ``time.thread_time()``: over budget,
+  admitted requests wait (asleep, so holding no GIL) until the budget refills.
+* **Slow refusals.** 401, 429 and 503 answers are held back ``reject_delay_s``, so a
+  client that retries at once spends its time waiting, not making the worker parse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+MIN_TOKEN_CHARS = 16
+OPEN_PATHS = frozenset({"/health"})
+
+
+@dataclass(frozen=True)
+class ControlLimits:
+    max_body_bytes: int = 96 * 1024  # 1,024 hex keys in JSON are ~68 KiB
+    rate_per_client: float = 200.0  # requests per second per peer address
+    burst_per_client: float = 400.0
+    cpu_share: float = 0.1  # of one core, for the thread serving the endpoint
+    cpu_burst_s: float = 0.05
+    max_waiting: int = 64  # requests queued for CPU budget before 503
+    reject_delay_s: float = 0.25
+    max_clients: int = 4096  # rate-limit buckets kept (least recently seen dropped)
+
+
+def check_token(token: str | None) -> str:
+    """The token, or ValueError saying how to set one."""
+    if not token:
+        raise ValueError(
+            "the control endpoint needs a shared token: set control_token (env "
+            "SYMRAM_CONTROL_TOKEN) or control_token_file on the engine, and the same value "
+            "as the gateway's control_token"
+        )
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(f"control_token must be at least {MIN_TOKEN_CHARS} characters")
+    return token
+
+
+class CpuGovernor:
+    """Keeps the CPU time of the calling thread under `share` of wall time, with a
+    `burst_s` allowance. Call `admit()` from that thread's event loop."""
+
+    def __init__(self, share: float, burst_s: float,
+                 cpu: Callable[[], float] = time.thread_time,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.share = share
+        self.burst_s = burst_s
+        self.cpu = cpu
+        self.clock = clock
+        self.level = burst_s
+        self._stamp = clock()
+        self._cpu_stamp: float | None = None
+        self.waiting = 0
+        self.throttled_s = 0.0
+
+    def _update(self) -> None:
+        now, used = self.clock(), self.cpu()
+        spent = 0.0 if self._cpu_stamp is None else max(used - self._cpu_stamp, 0.0)
+        self.level = min(self.burst_s, self.level + (now - self._stamp) * self.share - spent)
+        self._stamp, self._cpu_stamp = now, used
+
+    async def admit(self) -> None:
+        self.waiting += 1
+        try:
+            while True:
+                self._update()
+                if self.level >= 0:
+                    return
+                pause = -self.level / self.share
+                self.throttled_s += pause
+                await asyncio.sleep(pause)
+        finally:
+            self.waiting -= 1
+
+
+class ClientBuckets:
+    """Token bucket per client address, at most `max_clients` of them."""
+
+    def __init__(self, rate: float, burst: float, max_clients: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self.max_clients, self.clock = rate, burst, max_clients, clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, client: str) -> bool:
+        now = self.clock()
+        level, stamp = self._buckets.pop(client, (self.burst, now))
+        level = min(self.burst, level + (now - stamp) * self.rate)
+        ok = level >= 1.0
+        self._buckets[client] = (level - 1.0 if ok else level, now)
+        while len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)
+        return ok
+
+
+class ControlGuard:
+    """ASGI wrapper applying the token, body, rate and CPU limits to every route."""
+
+    def __init__(self, app: ASGIApp, token: str, limits: ControlLimits | None = None) -> None:
+        self.app = app
+        self._token = check_token(token).encode()
+        self.limits = limits or ControlLimits()
+        self.clients = ClientBuckets(self.limits.rate_per_client, self.limits.burst_per_client,
+                                     self.limits.max_clients)
+        self.governor: CpuGovernor | None = None  # made on the serving thread
+        self.refused: dict[str, int] = {}
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
+        scheme, _, given = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self._token)
+
+    async def _refuse(self, send: Send, status: int, message: str, why: str,
+                      close: bool = False) -> None:
+        self.refused[why] = self.refused.get(why, 0) + 1
+        await asyncio.sleep(self.limits.reject_delay_s)
+        kind = "rate_limit_error" if status == 429 else (
+            "service_unavailable" if status == 503 else "invalid_request_error")
+        body = json.dumps({"error": {"message": message, "type": kind, "param": None,
+                                     "code": status}}).encode()
+        headers = [(b"content-type", b"application/json"),
+                   (b"content-length", str(len(body)).encode())]
+        if status == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        if status in (429, 503):
+            headers.append((b"retry-after", b"1"))
+        if close:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope.get("path") in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.governor is None:
+            self.governor = CpuGovernor(self.limits.cpu_share, self.limits.cpu_burst_s)
+        client = (scope.get("client") or ("unknown", 0))[0]
+        if not self.clients.take(client):
+            await self._refuse(send, 429, "Too many control requests from this address.",
+                               "rate")
+            return
+        if not self._authorized(scope):
+            await self._refuse(send, 401, "Missing or wrong control token: send "
+                               "'Authorization: Bearer <control_token>'.", "auth")
+            return
+        limit = self.limits.max_body_bytes
+        declared = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), None)
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            await self._refuse(send, 413, f"Control request bodies are limited to {limit} "
+                               "bytes.", "size", close=True)
+            return
+        if self.governor.waiting >= self.limits.max_waiting:
+            await self._refuse(send, 503, "The control endpoint is busy; retry shortly.",
+                               "busy")
+            return
+        # The body is read (bounded) before the CPU budget is asked for: a slow sender
+        # never holds a place in the queue.
+        chunks: list[bytes] = []
+        seen = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > limit:
+                await self._refuse(send, 413, f"Control request bodies are limited to "
+                                   f"{limit} bytes.", "size", close=True)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        await self.governor.admit()
+        replay: list[Message] = [{"type": "http.request", "body": b"".join(chunks),
+                                  "more_body": False}]
+
+        async def buffered() -> Message:
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, buffered, send)
