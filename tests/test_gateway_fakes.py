@@ -164,15 +164,24 @@ class FakeEngine:
                 {"id": m, "object": "model", "created": 1, "owned_by": "vllm", "root": m}
                 for m in self.models]}
 
+        def invalid(exc: Exception) -> JSONResponse:
+            # What vLLM answers for a body its input processing rejects.
+            return JSONResponse({"error": {"message": f"invalid request: {exc!r}",
+                                           "type": "BadRequestError", "param": None,
+                                           "code": 400}}, status_code=400)
+
         @app.post("/tokenize")
-        async def tokenize_endpoint(request: Request) -> dict[str, Any]:
+        async def tokenize_endpoint(request: Request) -> Any:
             self.tokenize_calls += 1
             body = await request.json()
-            if "messages" in body:
-                ids = tokenize(render_chat(body["messages"],
-                                           body.get("add_generation_prompt", True)))
-            else:
-                ids = tokenize(body["prompt"])
+            try:
+                if "messages" in body:
+                    ids = tokenize(render_chat(body["messages"],
+                                               body.get("add_generation_prompt", True)))
+                else:
+                    ids = tokenize(body["prompt"])
+            except (TypeError, ValueError, KeyError, AttributeError) as exc:
+                return invalid(exc)
             return {"count": len(ids), "max_model_len": 4096, "tokens": ids, "token_strs": None}
 
         async def generate(request: Request, kind: str) -> Response:
@@ -183,9 +192,13 @@ class FakeEngine:
                 return JSONResponse({"error": {"message": "fake failure", "type": "x",
                                                "param": None, "code": self.fail_status}},
                                     status_code=self.fail_status)
-            tokens = self.prompt_ids(request.url.path, body)
             salt = body.get("cache_salt")
-            pieces = self.reply_text(body)
+            try:
+                tokens = self.prompt_ids(request.url.path, body)
+                self.keys(tokens, salt)
+                pieces = self.reply_text(body)
+            except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
+                return invalid(exc)
             rid = "cmpl-" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()
                                            ).hexdigest()[:12]
             usage = {"prompt_tokens": len(tokens), "completion_tokens": len(pieces),

@@ -650,12 +650,6 @@ def create_app(
         gateway.metrics.rejections.labels("invalid_request").inc()
         return _bad("; ".join(str(e.get("msg")) for e in exc.errors())).response()
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> Response:
-        logger.exception("internal error on %s", request.url.path)
-        return GatewayError(500, f"Internal gateway error ({type(exc).__name__}); see the "
-                            "gateway log.", code="internal_error").response()
-
     def endpoint(kind: str) -> Callable[[Request], Awaitable[Response]]:
         async def handler(request: Request) -> Response:
             return await gateway.handle(request, kind)
