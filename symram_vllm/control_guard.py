@@ -11,13 +11,15 @@ off the worker's hot path:
 * **Bounded bodies.** A declared ``Content-Length`` over the limit is refused before
   any byte of the body is read; a chunked body is cut off at the limit.
 * **A per-client rate limit** (token bucket per peer address).
-* **A time budget.** Handlers may run at most ``cpu_share`` of wall time. They are
-  charged their *wall* time, not their CPU time: on a loaded host a thread holding the
-  GIL is often preempted, and the worker waits for the GIL all that while, so CPU time
-  undercounts the harm (measured: a CPU-time budget let a flood slow generation 1.7x).
-  Over budget, admitted requests wait, asleep and holding no GIL, until it refills.
-  Time a handler spends awaiting (a prefetch's ``wait_s``) is not charged: it adds it
-  to ``scope["state"]["symram_waited_s"]``.
+* **A time budget** for requests with a body (lookups, prefetches; GETs are cheap and
+  only rate-limited). The serving thread may spend at most ``cpu_share`` of wall time:
+  all its CPU time is charged (``time.thread_time()``: parsing, refusals, handlers),
+  and a handler's wall time beyond its CPU time on top. On a loaded host a thread that
+  holds the GIL is often preempted, and the worker waits for the GIL all that while,
+  so CPU time alone undercounts the harm (measured: a CPU-only budget let a flood slow
+  generation 1.7x). Over budget, admitted requests wait, asleep and holding no GIL,
+  until it refills. Time a handler spends awaiting (a prefetch's ``wait_s``) is not
+  charged: the handler adds it to ``scope["state"]["symram_waited_s"]``.
 * **Slow refusals.** 401, 429 and 503 answers are held back ``reject_delay_s``, so a
   client that retries at once spends its time waiting, not making the worker parse.
 """
@@ -69,19 +71,27 @@ class WorkBudget:
     from one event loop."""
 
     def __init__(self, share: float, burst_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 cpu: Callable[[], float] | None = time.thread_time) -> None:
         self.share = share
         self.burst_s = burst_s
         self.clock = clock
+        self.cpu = cpu  # the serving thread's CPU clock, charged continuously (or None)
         self.level = burst_s
         self._stamp = clock()
+        self._cpu_stamp = cpu() if cpu is not None else 0.0
         self.waiting = 0
         self.throttled_s = 0.0
         self.charged_s = 0.0
 
     def _update(self) -> None:
         now = self.clock()
-        self.level = min(self.burst_s, self.level + (now - self._stamp) * self.share)
+        spent = 0.0
+        if self.cpu is not None:
+            used = self.cpu()
+            spent, self._cpu_stamp = max(used - self._cpu_stamp, 0.0), used
+            self.charged_s += spent
+        self.level = min(self.burst_s, self.level + (now - self._stamp) * self.share - spent)
         self._stamp = now
 
     def charge(self, seconds: float) -> None:
@@ -182,6 +192,11 @@ class ControlGuard:
             await self._refuse(send, 413, f"Control request bodies are limited to {limit} "
                                "bytes.", "size", close=True)
             return
+        if scope.get("method") == "GET":
+            # info and stats: cheap, rate-limited per client, and the gateway's health
+            # check, which must not queue behind a flood of lookups.
+            await self.app(scope, receive, send)
+            return
         if self.budget.waiting >= self.limits.max_waiting:
             await self._refuse(send, 503, "The control endpoint is busy; retry shortly.",
                                "busy")
@@ -212,8 +227,11 @@ class ControlGuard:
 
         state = scope.setdefault("state", {})
         state["symram_waited_s"] = 0.0
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         try:
             await self.app(scope, buffered, send)
         finally:
-            self.budget.charge(time.perf_counter() - started - state["symram_waited_s"])
+            wall = time.perf_counter() - started - state["symram_waited_s"]
+            # The CPU part is charged through thread_time; add the time the handler held
+            # its place (and perhaps the GIL) without running.
+            self.budget.charge(wall - (time.thread_time() - cpu))

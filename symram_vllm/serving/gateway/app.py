@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -64,8 +65,10 @@ PREFETCH_HEADER = "x-symram-prefetch"
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
-_JSON_STRING = re.compile(rb'"(?:[^"\\\\]|\\\\.)*"')
-_BRACKET = re.compile(rb"[\[\]{}]")
+_JSON_STRING = re.compile(rb'"[^"\\\\]*(?:\\\\.[^"\\\\]*)*"')  # unrolled: linear and fast
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_DEPTH_STEP = np.zeros(256, dtype=np.int32)
+_DEPTH_STEP[list(b"[{")], _DEPTH_STEP[list(b"]}")] = 1, -1
 MAX_JSON_DEPTH = 128  # OpenAI bodies nest a few levels; Python's parsers recurse per level
 RETRY_STATUSES = frozenset({502, 503, 504})
 FORWARD_HEADERS = ("accept", "traceparent", "tracestate", "user-agent")
@@ -202,14 +205,13 @@ def _check_types(endpoint: str, body: dict[str, Any], cap: int | None, max_n: in
 
 
 def json_depth(raw: bytes) -> int:
-    """Deepest bracket nesting of a JSON text (strings skipped), at C speed for the
-    scans; only run on bodies with many brackets."""
-    brackets = _BRACKET.findall(_JSON_STRING.sub(b"", raw))
-    deepest = depth = 0
-    for b in brackets:
-        depth += 1 if b in b"[{" else -1
-        deepest = max(deepest, depth)
-    return deepest
+    """Deepest bracket nesting of a JSON text (strings skipped), all at C speed: an
+    8 MiB body of brackets takes tens of milliseconds, less than parsing it."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, delete=_NOT_BRACKETS)
+    if not brackets:
+        return 0
+    steps = _DEPTH_STEP[np.frombuffer(brackets, dtype=np.uint8)]
+    return int(np.cumsum(steps, dtype=np.int32).max())
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -218,15 +220,16 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     JSON escapes allow and no UTF-8 encoder does)."""
     too_deep = _bad(f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.",
                     code="invalid_json")
-    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth(raw) > MAX_JSON_DEPTH:
-        raise too_deep
     try:
-        body = json.loads(raw)
+        body = json.loads(raw)  # fails fast (RecursionError) past ~990 levels
     except RecursionError:
         raise too_deep from None
     except ValueError as exc:
         raise _bad(f"We could not parse the JSON body of your request ({exc}). The body "
                    "must be a JSON object.", code="invalid_json") from None
+    # What parsed may still be too deep to re-encode later, a few frames further down.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth(raw) > MAX_JSON_DEPTH:
+        raise too_deep
     if not isinstance(body, dict):
         raise _bad(f"The request body must be a JSON object, got {type(body).__name__}.",
                    code="invalid_json")
