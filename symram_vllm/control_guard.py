@@ -83,6 +83,7 @@ class WorkBudget:
         self.waiting = 0
         self.throttled_s = 0.0
         self.charged_s = 0.0
+        self._queue = asyncio.Lock()
 
     def _update(self) -> None:
         now = self.clock()
@@ -100,15 +101,20 @@ class WorkBudget:
         self.charged_s += max(seconds, 0.0)
 
     async def admit(self) -> None:
+        """Wait until the budget is positive. One waiter at a time sleeps on the timer,
+        the others queue behind it (FIFO): a refill wakes one request, not all of
+        them, and every wake-up of the serving thread is a GIL handoff the worker
+        pays for."""
         self.waiting += 1
         try:
-            while True:
-                self._update()
-                if self.level >= 0:
-                    return
-                pause = -self.level / self.share
-                self.throttled_s += pause
-                await asyncio.sleep(pause)
+            async with self._queue:
+                while True:
+                    self._update()
+                    if self.level >= 0:
+                        return
+                    pause = -self.level / self.share
+                    self.throttled_s += pause
+                    await asyncio.sleep(pause)
         finally:
             self.waiting -= 1
 
