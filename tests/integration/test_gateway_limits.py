@@ -26,7 +26,7 @@ pytestmark = pytest.mark.engine
 
 PER_MINUTE = 300
 WINDOW_S = 8.0
-STOPS = [" ", "e", "a", "o", "t", "\n"]  # the tiny model's random text hits one soon
+STOPS = [" ", "e", "a", "\n"]  # at most 4 (vLLM); the tiny model's random text hits one soon
 PATTERNS = {
     "huge_max_tokens_stop": {"max_tokens": 400, "stop": STOPS},
     "huge_max_tokens_stream": {"max_tokens": 400, "stop": STOPS, "stream": True},
@@ -91,5 +91,6 @@ def test_no_pattern_beats_the_token_limit(gateway, pattern):
     allowed = PER_MINUTE + PER_MINUTE / 60 * elapsed + max(replies)
     print(f"{pattern}: {len(replies)} served ({replies}), {refused} refused, {served} "
           f"tokens in {elapsed:.1f} s; allowed {allowed:.0f}")
-    assert replies and refused > 0
-    assert served <= allowed, (pattern, replies)
+    assert replies and served <= allowed, (pattern, replies)
+    if served >= PER_MINUTE:  # the pattern reached the limit in its window ...
+        assert refused > 0  # ... and was refused past it
