@@ -47,14 +47,15 @@ def test_refuses_unknown_size_and_foreign_dir(tmp_path):
 
 
 def test_random_weight_specs_keep_their_hash():
-    """Adding the `circuit` field must not move the cache key of existing models."""
+    """Adding the `circuit` and `arch` fields must not move the cache key of existing
+    models."""
     import hashlib
     import sys
     from dataclasses import asdict
 
     for size in ("tiny", "mid"):
         fields = asdict(SIZES[size])
-        del fields["circuit"]
+        del fields["circuit"], fields["arch"]
         payload = json.dumps({"spec": fields, "python": list(sys.version_info[:2]),
                               "format": 1}, sort_keys=True)
         assert spec_hash(SIZES[size]) == hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -87,3 +88,42 @@ def test_induction_model_continues_a_cued_stretch_from_its_kv():
         for scores in out.scores:
             top2 = scores[0].float().topk(2).values
             assert float(top2[0] - top2[1]) > 3.0
+
+
+@pytest.mark.parametrize(("arch", "model_type", "shape"), [
+    ("qwen3", "qwen3", {"head_dim": 64, "num_key_value_heads": 2}),
+    ("gemma3", "gemma3_text", {"sliding_window": 64, "num_hidden_layers": 6}),
+    ("deepseek-mla", "deepseek_v3", {"kv_lora_rank": 512, "qk_rope_head_dim": 64}),
+    ("granite-hybrid", "granitemoehybrid",
+     {"layer_types": ["linear_attention", "linear_attention", "full_attention"]}),
+])
+def test_each_arch_builds_offline_with_its_family_shape(tmp_path, arch, model_type, shape):
+    path = build_demo_model(tmp_path / arch, "tiny", arch=arch)
+    config = AutoConfig.from_pretrained(path)
+    assert config.model_type == model_type
+    for key, value in shape.items():
+        assert getattr(config, key) == value, key
+    if arch == "gemma3":
+        assert config.layer_types == ["sliding_attention"] * 2 + ["full_attention"] + \
+            ["sliding_attention"] * 2 + ["full_attention"]
+    stamp = json.loads((path / STAMP_FILE).read_text())
+    assert stamp["spec"]["arch"] == arch
+    # Same tokenizer as every demo model; weights deterministic per arch.
+    again = build_demo_model(tmp_path / f"{arch}-2", "tiny", arch=arch, force=True)
+    assert (path / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
+
+
+def test_arch_is_part_of_the_cache_key_and_llama_keeps_its_key():
+    from symram_vllm.demo_model import spec_for
+
+    assert spec_for("tiny", "llama") is SIZES["tiny"]
+    hashes = {spec_hash(spec_for("tiny", arch))
+              for arch in ("llama", "qwen3", "gemma3", "deepseek-mla", "granite-hybrid")}
+    assert len(hashes) == 5
+
+
+def test_unknown_arch_and_arch_only_sizes_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="qwen3"):
+        build_demo_model(tmp_path / "x", "tiny", arch="mistral-moe")
+    with pytest.raises(ValueError, match="only as arch 'llama'"):
+        build_demo_model(tmp_path / "y", "tiny-induction", arch="qwen3")
