@@ -139,8 +139,10 @@ def bigram_init(model: Any, train_ids: Any, backoff: float = 2.0) -> None:
     logp = ((counts + backoff * unigram) / (counts.sum(1, keepdim=True) + backoff)).log()
     logp -= logp.mean(1, keepdim=True)  # softmax ignores a per-row shift
     torch.manual_seed(0)
-    u, s, v = torch.svd_lowrank(logp.float(), q=rank, niter=6)
-    left, right = u * s.sqrt(), v * s.sqrt()
+    q = min(rank, vocab)  # a vocabulary smaller than the model (tests): pad with zeros
+    u, s, v = torch.svd_lowrank(logp.float(), q=q, niter=6)
+    left, right = torch.zeros(vocab, rank), torch.zeros(vocab, rank)
+    left[:, :q], right[:, :q] = u * s.sqrt(), v * s.sqrt()
     # The final RMSNorm divides each position by its rms: give every embedding rms 1
     # and fold the typical rms into the output matrix.
     rms = left.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-6)
