@@ -29,6 +29,7 @@ from symram_vllm.demo_model import build_demo_model
 from symram_vllm.serving.engine_process import EngineServer
 
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
 ARCHS = ("llama", "qwen3", "gemma3", "deepseek-mla", "granite-hybrid")
 KV_SIZE = re.compile(r"KV cache size: ([\d,]+) tokens")
 
@@ -39,18 +40,19 @@ def engine_kv_tokens(model: Path, log: Path, connector: str, kv_bytes: int,
     lines of its log (a refusal or vLLM's own "cannot start")."""
     server = EngineServer(model, log, connector=connector, kv_cache_bytes=kv_bytes,
                           max_model_len=max_model_len)
+    where = str(log.resolve().relative_to(ROOT)) if log.resolve().is_relative_to(ROOT) else str(log)
     started = time.monotonic()
     try:
         server.start(timeout_s=900)
     except (RuntimeError, TimeoutError):
         text = log.read_text(errors="replace")
         errors = [ln for ln in text.splitlines() if "Error" in ln or "symram cannot" in ln]
-        return {"started": False, "error": errors[-3:], "log": str(log)}
+        return {"started": False, "error": errors[-3:], "log": where}
     finally:
         server.stop()
     found = KV_SIZE.findall(log.read_text(errors="replace"))
     return {"started": True, "kv_tokens": int(found[-1].replace(",", "")) if found else None,
-            "start_seconds": round(time.monotonic() - started, 1), "log": str(log)}
+            "start_seconds": round(time.monotonic() - started, 1), "log": where}
 
 
 def measure(arch: str, kv_bytes: int, max_model_len: int, logs: Path) -> dict[str, Any]:
