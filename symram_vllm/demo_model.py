@@ -8,7 +8,7 @@ is what makes "output with loaded KV == output with recomputed KV" an exact test
 ``--arch`` picks the model family (``demo_archs``: llama, qwen3, gemma3, deepseek-mla,
 granite-hybrid) at the size's width; random weights for every family.
 
-``trained`` is a 3.4M-parameter Llama trained on the stdlib sources by
+``trained`` is a 5.2M-parameter Llama trained on the stdlib sources by
 ``symram_vllm.demo_train``; its weights and tokenizer are committed
 (``demo_weights/trained``) and copied into the model directory, not rebuilt.
 

@@ -8,7 +8,7 @@ A model trained on code has the margins of a real LLM on real text, and its outp
 looks like Python, so a newcomer's first request returns something recognisable.
 
 The weights are trained once and committed (``symram_vllm/demo_weights/trained``,
-about 7 MB in bf16); ``symram demo-model --size trained`` copies them into a model
+10.5 MB in bf16); ``symram demo-model --size trained`` copies them into a model
 directory, so neither CI nor a newcomer retrains. To retrain (about 20-30 minutes on
 two shared cores)::
 
