@@ -9,10 +9,13 @@ looks like Python, so a newcomer's first request returns something recognisable.
 
 The weights are trained once and committed (``symram_vllm/demo_weights/trained``,
 10.5 MB in bf16); ``symram demo-model --size trained`` copies them into a model
-directory, so neither CI nor a newcomer retrains. To retrain (about 20-30 minutes on
-two shared cores)::
+directory, so neither CI nor a newcomer retrains. The committed weights came from::
 
-    nice -n 10 python -m symram_vllm.demo_train --minutes 20
+    nice -n 10 python -m symram_vllm.demo_train --minutes 46
+
+on the 2-core development machine while five other sessions loaded it (load average
+~20): 120 steps of 4 x 512 tokens, validation loss 5.79 (bigram init) -> 4.01. On an
+idle machine the same budget gives about ten times the steps.
 
 Training starts from a bigram model, not from noise: two cores shared with other work
 reach only a few hundred thousand tokens in that time, where a randomly initialised
@@ -293,7 +296,7 @@ def main() -> None:
                         help="wall-clock budget (ignored with --steps)")
     parser.add_argument("--steps", type=int, default=0, help="fixed step count instead")
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
