@@ -18,10 +18,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    supports_hma,
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from symram_vllm.config import ConfigError, SymramConfig, load_config
+from symram_vllm.connectors.families import check_model_family
 from symram_vllm.connectors.kv_layout_choice import choose_kv_layout
 from symram_vllm.connectors.metadata import SymramConnectorMetadata, SymramWorkerMetadata
 from symram_vllm.connectors.scheduler import SchedulerSide
@@ -208,11 +210,14 @@ class SymramConnector(KVConnectorBase_V1):
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self.config = _read_config(vllm_config)
-        if not vllm_config.cache_config.enable_prefix_caching:
-            raise SymramStartupError(
-                "symram keys KV by vLLM's prefix-cache block hashes; remove "
-                "--no-enable-prefix-caching to use it"
-            )
+        # One clear refusal at start for a model family symram cannot serve (Mamba and
+        # linear-attention state, MLA without prefix caching, 8-bit codecs over an fp8
+        # cache), naming the layer kinds and what to do: never a crash mid-serving.
+        refusal = check_model_family(
+            vllm_config, kv_cache_config, self.config.codec, hma=supports_hma(self)
+        )
+        if refusal is not None:
+            raise SymramStartupError(refusal)
         hash_algo = ensure_reproducible_hashes(vllm_config)
         signature, block_elems = build_signature(
             vllm_config, kv_cache_config, hash_algo, self.config.codec

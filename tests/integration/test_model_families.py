@@ -43,8 +43,6 @@ KV_BYTES = {"llama": 3 << 20, "qwen3": 3 << 20, "gemma3": 12 << 20}
 # prefill is split (see test_engine_dram.py).
 NO_SPLIT = ["--max-num-batched-tokens", "16384"]
 HMA = pytest.mark.xfail(reason="awaiting SupportsHMA (lead)", strict=False)
-WIRED = pytest.mark.xfail(
-    reason="awaiting families.check_model_family in SymramConnector (lead)", strict=False)
 RESERVATION_WARNING = "should be greater than reserved CPU core number"
 
 
@@ -180,7 +178,6 @@ def refused_at_start(model: Path, log: Path, kv_bytes: int) -> str:
     return log.read_text(errors="replace")
 
 
-@WIRED
 def test_mla_on_vllm_cpu_is_refused_with_what_vllm_did(artifacts_dir):
     import torch
 
