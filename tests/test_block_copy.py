@@ -208,3 +208,23 @@ def test_triton_descriptor_kernel_matches_torch_in_interpreter():
         text=True, timeout=300,
     )
     assert "TRITON-BLOCK-COPY-OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("physical", ["LBHNC", "BLHNC"])
+def test_parallel_host_scatter_writes_the_same_bytes(physical, monkeypatch):
+    # Large host scatters are split across threads: force that path on small caches.
+    monkeypatch.setattr(block_copy, "PARALLEL_SCATTER_BYTES", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    src = KVLayout(make_caches(physical))
+    pages = torch.zeros(12, src.page_bytes, dtype=torch.uint8)
+    src.save_blocks([1, 8, 15, 22, 3, 5, 7], pages, [0, 9, 2, 7, 4, 1, 11])  # a scatter
+    kv = make_caches(physical)
+    for view in kv.values():
+        view.zero_()
+    dst = KVLayout(kv)
+    dst.load_blocks(pages, [0, 1, 2, 3, 4], [20, 0, 11, 6, 9])
+    for row, d in zip([0, 1, 2, 3, 4], [20, 0, 11, 6, 9], strict=True):
+        page = torch.empty(dst.page_bytes, dtype=torch.uint8)
+        for out, block in zip(dst.page_views(page), dst.block_views(d), strict=True):
+            out.copy_(block)
+        assert torch.equal(page, pages[row])

@@ -28,9 +28,12 @@ chosen per call by ``pick_backend``: the one place that decides.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from symram_vllm.kernels.dispatch import triton_capability
@@ -149,10 +152,34 @@ def _words(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+# numpy copies on one core where torch's own copies use all of its intra-op threads:
+# a large host scatter is split across that many threads (numpy releases the GIL).
+PARALLEL_SCATTER_BYTES = 1 << 20
+_scatter_pool: ThreadPoolExecutor | None = None
+
+
+def _host_scatter(dst: np.ndarray, index: np.ndarray, src: np.ndarray) -> None:
+    global _scatter_pool
+    parts = min(torch.get_num_threads(), len(index))
+    if parts <= 1 or src.nbytes < PARALLEL_SCATTER_BYTES:
+        dst[index] = src
+        return
+    if _scatter_pool is None:
+        _scatter_pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), "symram-scatter")
+    bounds = np.linspace(0, len(index), parts + 1).astype(int)
+
+    def part(lo: int, hi: int) -> None:
+        dst[index[lo:hi]] = src[lo:hi]
+
+    futures = [_scatter_pool.submit(part, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+    for future in futures:
+        future.result()
+
+
 def _scatter_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
     """dst[index[i]] = src[i] for distinct `index`."""
     if dst.device.type == "cpu" and src.device.type == "cpu" and dst.dtype == torch.uint8:
-        dst.numpy()[index.numpy()] = src.numpy()
+        _host_scatter(dst.numpy(), index.numpy(), src.numpy())
     else:
         _words(dst).index_copy_(0, index.to(dst.device), _words(src))
 
