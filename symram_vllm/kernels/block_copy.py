@@ -27,6 +27,7 @@ chosen per call by ``pick_backend``: the one place that decides.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Sequence
@@ -171,7 +172,8 @@ def _host_scatter(dst: np.ndarray, index: np.ndarray, src: np.ndarray) -> None:
     def part(lo: int, hi: int) -> None:
         dst[index[lo:hi]] = src[lo:hi]
 
-    futures = [_scatter_pool.submit(part, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+    futures = [_scatter_pool.submit(part, int(lo), int(hi))
+               for lo, hi in itertools.pairwise(bounds)]
     for future in futures:
         future.result()
 
