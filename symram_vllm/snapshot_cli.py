@@ -23,8 +23,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from symram_vllm.snapshot import ManifestEntry, ManifestError, read_manifest, write_manifest
-from symram_vllm.tiers.disk import DiskTier, DiskTierConfig, DiskTierLocked
-from symram_vllm.tiers.disk_layout import MANIFEST_NAME, PAGE_SUFFIX
+
+# The tier modules import torch: loaded when a command runs, not when `symram --help`
+# builds its parser.
 
 SNAPSHOT_FORMAT = "symram-disk-snapshot"
 
@@ -48,6 +49,9 @@ def tier_roots(disk_path: Path) -> list[Path]:
 
 def snapshot(disk_path: Path, out: Path | None = None) -> tuple[Path, int]:
     """Write a manifest of every page under `disk_path`. Returns (path, entries)."""
+    from symram_vllm.tiers.disk import DiskTier, DiskTierConfig, DiskTierLocked
+    from symram_vllm.tiers.disk_layout import PAGE_SUFFIX
+
     disk_path = Path(disk_path)
     entries: list[ManifestEntry] = []
     config = DiskTierConfig(manifest=False)  # read-only use: leave start-up manifests alone
@@ -81,6 +85,8 @@ def snapshot(disk_path: Path, out: Path | None = None) -> tuple[Path, int]:
 
 
 def _budget(root: Path) -> int:
+    from symram_vllm.tiers.disk_layout import PAGE_SUFFIX
+
     # Large enough never to evict what is there: a snapshot must not delete pages.
     used = sum(p.stat().st_size for p in (root / "pages").rglob(f"*{PAGE_SUFFIX}"))
     return max(used * 2, 1 << 30)
@@ -90,6 +96,9 @@ def restore(manifest_path: Path, disk_path: Path) -> dict[str, int]:
     """Verify a snapshot and install it as the start-up manifest of each tier.
 
     Raises ManifestError (tampered or truncated chain) or SnapshotError."""
+    from symram_vllm.tiers.disk import DiskTier, DiskTierConfig, DiskTierLocked
+    from symram_vllm.tiers.disk_layout import MANIFEST_NAME
+
     manifest = read_manifest(manifest_path)
     if manifest.meta.get("kind") != SNAPSHOT_FORMAT:
         raise SnapshotError(

@@ -31,6 +31,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from symram_vllm.serving.gateway import api_routes
 from symram_vllm.serving.gateway.auth import Authenticator, Principal
 from symram_vllm.serving.gateway.backends import Backend, BackendPool
 from symram_vllm.serving.gateway.config import GatewayConfig
@@ -66,7 +67,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 RETRY_STATUSES = frozenset({502, 503, 504})
 FORWARD_HEADERS = ("accept", "traceparent", "tracestate", "user-agent")
 KNOWN_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
-               "/dashboard", "/dashboard/data")
+               "/dashboard", "/dashboard/data", *api_routes.PATHS)
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 
 
@@ -147,7 +148,9 @@ def _check_types(endpoint: str, body: dict[str, Any], cap: int | None) -> None:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _bad("'model' is required and must be a non-empty string.", "model")
-    if endpoint == "chat":
+    if endpoint in api_routes.ROUTES.values():
+        api_routes.check_body(endpoint, body)
+    elif endpoint == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _bad("'messages' is required and must be a non-empty array.", "messages")
@@ -216,6 +219,7 @@ class Gateway:
         self.timeline = Timeline(config.dashboard_history)
         self.route_counts: dict[str, int] = {}
         self.instance_routes: dict[str, dict[str, int]] = {}
+        self.response_owners = api_routes.ResponseOwners()
         self.pool.stats_listeners.append(
             lambda backend, stats, now: self.timeline.record(backend.name, stats, now))
         self.pool.health_listeners.append(
@@ -255,6 +259,8 @@ class Gateway:
         _check_types(endpoint, body, self.config.limits.max_tokens_cap)
         model = body["model"]
         candidates = self.pool.serving(model)
+        owner = self.response_owners.owner(body.get("previous_response_id"))
+        candidates = [b for b in candidates if b.name == owner] or candidates
         if not candidates:
             if not self.pool.healthy():
                 raise GatewayError(503, "No healthy engine is available; retry shortly.",
@@ -282,7 +288,7 @@ class Gateway:
         if prep.endpoint == "completions" and isinstance(body.get("prompt"), list) and \
                 body["prompt"] and not isinstance(body["prompt"][0], int):
             prompt *= len(body["prompt"])
-        completion = (body.get("max_completion_tokens") or body.get("max_tokens")
+        completion = (api_routes.completion_budget(body)
                       or self.config.limits.default_completion_tokens)
         prep.charged_tokens = prompt + completion * int(body.get("n") or 1)
         self.limiter.charge_tokens(prep.principal.key_id, prep.principal.tokens_per_minute,
@@ -450,9 +456,8 @@ class Gateway:
         else:
             self.metrics.e2e.labels(prep.endpoint, name, str(prep.stream).lower()).observe(
                 now - prep.started)
-        used = prep.charged_tokens
-        if usage and isinstance(usage.get("total_tokens"), int):
-            used = usage["total_tokens"]
+        used = api_routes.usage_total(usage)
+        used = prep.charged_tokens if used is None else used
         self.limiter.settle_tokens(prep.principal.key_id, prep.principal.tokens_per_minute,
                                    prep.charged_tokens, used)
 
@@ -487,12 +492,14 @@ class Gateway:
             observer = StreamObserver(prep.started)
 
             def on_finish(outcome: str) -> None:
+                self.response_owners.remember(observer.response_id, decision.backend.name)
                 attempt.release()
                 self._finish(prep, decision, observer.usage, observer.first_content_at, outcome)
 
             return StreamProxyResponse(upstream, headers, observer, on_finish)
         usage = None
         if upstream.status_code == 200:
+            self.response_owners.learn_from_body(content, decision.backend.name)
             try:
                 usage = json.loads(content).get("usage")
             except (ValueError, AttributeError):
@@ -583,6 +590,7 @@ def create_app(
     # Plain Starlette routes: FastAPI's dependency solving costs ~50 us a request here.
     app.add_route("/v1/chat/completions", endpoint("chat"), methods=["POST"])
     app.add_route("/v1/completions", endpoint("completions"), methods=["POST"])
+    api_routes.register(app, gateway)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
