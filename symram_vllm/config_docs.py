@@ -15,7 +15,6 @@ from typing import Any
 import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined
 
 from symram_vllm.config import SymramConfig, env_name, human_bytes
 
@@ -65,7 +64,7 @@ def _allowed(field: FieldInfo) -> str:
 def _default(name: str, field: FieldInfo) -> str:
     if field.default_factory is not None:
         value: Any = field.default_factory()  # type: ignore[call-arg]
-    elif field.default is PydanticUndefined:
+    elif field.is_required():
         return "(required)"
     else:
         value = field.default

@@ -90,12 +90,12 @@ class StreamObserver:
             return
         if obj.get("error"):
             self.error = True
-        if obj.get("usage"):
-            self.usage = obj["usage"]
         kind = obj.get("type")
-        if isinstance(kind, str) and kind not in ("error",):
+        if isinstance(kind, str) and kind != "error":  # Responses / Messages events
             self._typed_event(kind, obj)
             return
+        if obj.get("usage"):
+            self.usage = obj["usage"]
         for choice in obj.get("choices") or ():
             delta = choice.get("delta") or {}
             if choice.get("text") or delta.get("content") or delta.get("reasoning_content") \
