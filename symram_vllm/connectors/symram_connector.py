@@ -21,6 +21,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from symram_vllm import bypass, latency_sink
 from symram_vllm.config import ConfigError, SymramConfig, load_config
 from symram_vllm.connectors.metadata import SymramConnectorMetadata, SymramWorkerMetadata
 from symram_vllm.connectors.scheduler import SchedulerSide
@@ -331,6 +332,8 @@ class SymramConnector(KVConnectorBase_V1):
                 stats.add(name, value)
         for name, value in gauges.items():
             stats.set_gauge(name, value)
+        stats.add_latencies(latency_sink.drain())
+        stats.set_gauge("bypass_active", float(bypass.bypass_active()))
         return None if stats.is_empty() else stats
 
     def shutdown(self) -> None:

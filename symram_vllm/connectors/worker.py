@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from symram_vllm import latency_sink
 from symram_vllm.config import SymramConfig
 from symram_vllm.connectors.metadata import BlockJob, SymramConnectorMetadata, SymramWorkerMetadata
 from symram_vllm.connectors.page_mover import PageMover
@@ -252,6 +253,7 @@ class WorkerSide:
             logger.exception("symram %s job failed", kind)
             self._counters[f"{kind}_job_errors"] += 1
             return
+        latency_sink.record(kind, result.seconds)  # symram:{load,save}_duration_seconds
         if kind == "load":
             self._counters["loaded_blocks"] += result.moved_blocks
             self._counters["load_bytes"] += result.moved_bytes
