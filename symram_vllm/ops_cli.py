@@ -242,7 +242,6 @@ def add_commands(sub: Any) -> None:
         p.add_argument("--model", help="model name (default: the first the engine serves)")
         p.add_argument("--chat", action="store_true",
                        help="treat the prompt as one user chat message (chat template)")
-        p.add_argument("--json", action="store_true", help="machine-readable output")
 
     stats = sub.add_parser("stats", help="tier occupancy and hit rates of a running engine")
     control(stats)
@@ -252,6 +251,7 @@ def add_commands(sub: Any) -> None:
     inspect = sub.add_parser("inspect", help="whether a prompt's prefix is held, and where")
     control(inspect)
     prompt(inspect)
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(func=_wrap(cmd_inspect))
 
     pin = sub.add_parser("pin", help="keep a prompt's prefix resident for a TTL (or unpin)")

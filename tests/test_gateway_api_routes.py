@@ -90,6 +90,13 @@ def test_bad_bodies_are_400_naming_the_field(endpoint, body, param):
     assert caught.value.status == 400 and caught.value.param == param
 
 
+def test_max_output_tokens_respects_the_gateways_cap():
+    check_body("responses", {"input": "x", "max_output_tokens": 64}, cap=64)
+    with pytest.raises(GatewayError) as caught:
+        check_body("responses", {"input": "x", "max_output_tokens": 65}, cap=64)
+    assert caught.value.param == "max_output_tokens" and "64" in caught.value.message
+
+
 def test_budget_and_usage_across_apis():
     assert completion_budget({"max_output_tokens": 7}) == 7
     assert completion_budget({"max_tokens": 5}) == 5

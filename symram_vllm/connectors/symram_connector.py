@@ -198,6 +198,7 @@ class SymramConnector(KVConnectorBase_V1):
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self.config = _read_config(vllm_config)
+        bypass.configure(self.config.control_port)  # the engine-wide kill switch
         if not vllm_config.cache_config.enable_prefix_caching:
             raise SymramStartupError(
                 "symram keys KV by vLLM's prefix-cache block hashes; remove "

@@ -277,3 +277,35 @@ def test_operator_commands_on_a_real_engine(fleet):
     assert stats.returncode == 0
     summary = json.loads(stats.stdout)["summary"]
     assert summary["dram"]["pages"] >= report["full_blocks"]
+
+
+def test_bypass_switch_is_audited_and_shows_in_the_engines_metrics(fleet):
+    _, engines = fleet
+    engine, control = engines["a1"]
+    base = [sys.executable, "-m", "symram_vllm.cli", "bypass"]
+    where = ["--control", f"http://127.0.0.1:{control}"]
+
+    def gauge_after_a_request() -> float:
+        # Stats flow with engine steps: make one happen, then read /metrics.
+        httpx.post(f"{engine.base_url}/v1/completions", json={
+            "model": "demo", "prompt": "x", "max_tokens": 1}, timeout=120).raise_for_status()
+        return engine.metrics().get("symram:bypass_active", -1.0)
+
+    def wait_gauge(value: float) -> None:
+        deadline = time.monotonic() + 60
+        while gauge_after_a_request() != value:
+            assert time.monotonic() < deadline, f"symram:bypass_active never became {value}"
+            time.sleep(0.5)
+
+    wait_gauge(0.0)
+    try:
+        on = subprocess.run([*base, "on", *where, "--reason", "integration test"],
+                            capture_output=True, text=True, timeout=60)
+        assert on.returncode == 0, on.stderr
+        wait_gauge(1.0)
+        assert "symram bypass ON" in engine.log_path.read_text()  # the audit line
+    finally:
+        off = subprocess.run([*base, "off", *where], capture_output=True, text=True,
+                             timeout=60)
+    assert off.returncode == 0, off.stderr
+    wait_gauge(0.0)

@@ -42,8 +42,9 @@ def _bad(message: str, param: str | None = None) -> GatewayError:
                         reason="invalid_request")
 
 
-def check_body(endpoint: str, body: dict[str, Any]) -> None:
-    """The endpoint-specific part of the body checks (types only: vLLM owns the rest)."""
+def check_body(endpoint: str, body: dict[str, Any], cap: int | None = None) -> None:
+    """The endpoint-specific part of the body checks (types, and the gateway's
+    ``max_tokens_cap`` on ``max_output_tokens``: vLLM owns the rest)."""
     if endpoint == "responses":
         given = body.get("input")
         if not isinstance(given, str | list) or given in ("", []):
@@ -55,6 +56,9 @@ def check_body(endpoint: str, body: dict[str, Any]) -> None:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                   or value < 1):
             raise _bad(f"'max_output_tokens' must be a positive integer, got {value!r}.",
+                       "max_output_tokens")
+        if value is not None and cap is not None and value > cap:
+            raise _bad(f"'max_output_tokens' is {value}, above this gateway's limit of {cap}.",
                        "max_output_tokens")
     elif endpoint == "messages":
         messages = body.get("messages")

@@ -149,7 +149,7 @@ def _check_types(endpoint: str, body: dict[str, Any], cap: int | None) -> None:
     if not isinstance(model, str) or not model:
         raise _bad("'model' is required and must be a non-empty string.", "model")
     if endpoint in api_routes.ROUTES.values():
-        api_routes.check_body(endpoint, body)
+        api_routes.check_body(endpoint, body, cap)
     elif endpoint == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
