@@ -17,7 +17,12 @@ export PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1  # no index, no
 step() { printf '\033[1m[wheel check]\033[0m %s\n' "$*"; }
 
 step "building the wheel"
-"$VENV/bin/python" -m pip wheel -q --no-deps --no-build-isolation -w "$work/dist" . \
+# From a copy of the checkout's files: an in-tree build/ could carry stale modules into
+# the wheel, and the checkout stays as it was.
+mkdir "$work/src"
+git ls-files -z --cached --others --exclude-standard \
+  | tar --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -xf - -C "$work/src"
+"$VENV/bin/python" -m pip wheel -q --no-deps --no-build-isolation -w "$work/dist" "$work/src" \
   >"$work/build.log" 2>&1 || { cat "$work/build.log"; exit 1; }
 wheel="$(ls "$work"/dist/symram_vllm-*.whl)"
 for member in symram_vllm/py.typed symram_vllm/serving/gateway/static/dashboard.html; do

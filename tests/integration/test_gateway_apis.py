@@ -134,8 +134,9 @@ def test_messages_through_the_gateway_match_the_engine(fleet):
     direct = anthropic.Anthropic(base_url=engine.base_url, api_key="unused")
     via = anthropic.Anthropic(base_url=gateway.url, api_key=KEYS[0]["key"],
                               default_headers=auth(0))
-    kwargs = {"model": "demo", "max_tokens": 12, "temperature": 0, "system": "You write code.",
-              "messages": [{"role": "user", "content": "def fibonacci(n):"}]}
+    kwargs = {"model": "demo", "max_tokens": 12, "system": "You write code.",
+              "messages": [{"role": "user", "content": "def fibonacci(n):"}],
+              "extra_body": {"temperature": 0}}
     want = "".join(b.text for b in direct.messages.create(**kwargs).content)
     got = via.messages.create(**kwargs)
     assert "".join(b.text for b in got.content) == want and want
