@@ -30,7 +30,7 @@ def test_responses_render_as_vllm_builds_them():
              {"type": "message", "role": "assistant",
               "content": [{"type": "output_text", "text": "b"}]}]
     assert responses_messages({"input": items}) == [
-        {"role": "user", "content": [{"type": "input_text", "text": "a"}]},
+        {"role": "user", "content": [{"type": "text", "text": "a"}]},
         {"role": "assistant", "content": "b"}]
 
 

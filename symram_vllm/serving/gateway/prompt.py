@@ -92,10 +92,13 @@ def responses_messages(body: dict[str, Any]) -> list[dict[str, Any]] | None:
                     messages[-1].get("content") is None:
                 return None
             messages.append({"role": "assistant", "content": text})
-        else:  # passed to the chat renderer as given
+        else:  # passed to the chat renderer as given; it reads input_text as text
             if _text(content) is None:
                 return None
-            messages.append({k: v for k, v in item.items() if k != "type"})
+            message = {k: v for k, v in item.items() if k != "type"}
+            if isinstance(content, list):  # /tokenize's schema knows only "text" parts
+                message["content"] = [{"type": "text", "text": b["text"]} for b in content]
+            messages.append(message)
     return messages
 
 
