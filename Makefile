@@ -62,3 +62,12 @@ up: run
 
 clean:
 	rm -rf .symram test-artifacts
+
+# Batched transfer path vs the same-run copy limit (no vLLM; ~2 min on CPU);
+# loadtest/results/transfer_cpu.json. On a GPU host: BENCH_ARGS="--device cuda".
+bench-transfer: setup
+	@$(PY) -m loadtest.bench_transfer $(BENCH_ARGS)
+
+# The GPU proof kit (scripts/gpu_check.sh) on CPU: what CI runs.
+gpu-check-dry-run: setup
+	@bash scripts/gpu_check.sh --dry-run

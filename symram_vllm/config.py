@@ -170,6 +170,13 @@ class SymramConfig(BaseSettings):
     transfer_threads: int = Field(
         default=1, ge=1, le=16, description="Host threads copying pages on CPU hosts."
     )
+    kv_layout: Literal["auto", "LBHNC", "BLHNC"] = Field(
+        default="auto",
+        description="Physical KV cache layout symram asks vLLM for. auto: BLHNC "
+        "(block-outermost: a page is one contiguous span, one copy per block run) on CUDA, "
+        "LBHNC on CPU, whose attention backend accepts nothing else. Pages are the same "
+        "bytes under either layout.",
+    )
     fail_on_load_error: bool = Field(
         default=False,
         description="Keep vLLM's kv_load_failure_policy=fail instead of recomputing.",

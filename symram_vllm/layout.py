@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from symram_vllm.kernels import block_copy
+
 
 class LayoutError(ValueError):
     """The engine's KV cache does not have the shape symram was told to expect."""
@@ -83,6 +85,9 @@ class KVLayout:
             len(specs), specs[0].block_shape, _dtype_name(specs[0].dtype)
         )
         self.device = first.device
+        # Contiguous runs of a page inside one engine block: one per layer for
+        # layer-major caches, one per page for block-major (BLHNC) caches.
+        self.segments = block_copy.plan_segments(self._caches)
 
     @property
     def caches(self) -> list[torch.Tensor]:
@@ -102,20 +107,29 @@ class KVLayout:
         """The engine-side [H, N, C] view of `block_id` in every layer."""
         return [cache[block_id] for cache in self._caches]
 
-    def gather(self, block_id: int, page: torch.Tensor, non_blocking: bool = False) -> None:
-        """Copy one engine block (all layers) into `page`."""
-        for dst, src in zip(self.page_views(page), self.block_views(block_id), strict=True):
-            dst.copy_(src, non_blocking=non_blocking)
+    @property
+    def block_major(self) -> bool:
+        """Every block's pages across all layers are one contiguous span (BLHNC)."""
+        return len(self.segments) == 1 and self.segments[0].nbytes == self.page_bytes
 
-    def scatter(self, page: torch.Tensor, block_id: int, non_blocking: bool = False) -> None:
-        """Copy `page` into one engine block (all layers)."""
-        for src, dst in zip(self.page_views(page), self.block_views(block_id), strict=True):
-            dst.copy_(src, non_blocking=non_blocking)
+    def save_blocks(
+        self, block_ids: Sequence[int], pages: torch.Tensor, rows: Sequence[int]
+    ) -> int:
+        """Engine blocks `block_ids` -> rows `rows` of the uint8 page array `pages`
+        ([P, page_bytes]), in canonical page order. Returns device operations issued."""
+        self._check_pages(pages)
+        return block_copy.save_blocks(self.segments, block_ids, pages, rows)
 
-    def gather_many(self, block_ids: Sequence[int], pages: Sequence[torch.Tensor]) -> None:
-        for block_id, page in zip(block_ids, pages, strict=True):
-            self.gather(block_id, page)
+    def load_blocks(
+        self, pages: torch.Tensor, rows: Sequence[int], block_ids: Sequence[int]
+    ) -> int:
+        """Rows `rows` of `pages` -> engine blocks `block_ids` (distinct)."""
+        self._check_pages(pages)
+        return block_copy.load_blocks(self.segments, pages, rows, block_ids)
 
-    def scatter_many(self, pages: Sequence[torch.Tensor], block_ids: Sequence[int]) -> None:
-        for page, block_id in zip(pages, block_ids, strict=True):
-            self.scatter(page, block_id)
+    def _check_pages(self, pages: torch.Tensor) -> None:
+        if pages.dim() != 2 or pages.dtype != torch.uint8 or pages.shape[1] != self.page_bytes:
+            raise LayoutError(
+                f"pages must be uint8 [P, {self.page_bytes}], got {pages.dtype} "
+                f"{tuple(pages.shape)}"
+            )

@@ -114,7 +114,10 @@ class PolicyConfig(BaseModel):
     victim_window: int = Field(
         16, ge=1, description="Oldest evictable pages scored per eviction (sampled)."
     )
-    prefetch_workers: int = Field(2, ge=1, le=16, description="Parallel disk->DRAM promotions.")
+    prefetch_workers: int = Field(
+        4, ge=1, le=16,
+        description="Parallel disk->DRAM promotions (the read queue depth of a disk hit).",
+    )
     background_writeback_s: float = Field(
         1.0,
         ge=0,

@@ -74,6 +74,7 @@ class TieredStore:
         pin_memory: bool | None = None,
         remotes: Sequence[RemoteTier] = (),
         redis_pages: RedisPages | None = None,
+        device_index: int | None = None,
     ) -> None:
         self.page_bytes = page_bytes
         self.redis_pages = redis_pages
@@ -92,6 +93,7 @@ class TieredStore:
             remotes=all_remotes,
             remote_writer=redis_pages,
             on_event=self._tier_event,
+            device_index=device_index,
         )
         self._events = StoreEvents()
         self._lock = threading.Lock()
@@ -173,6 +175,19 @@ class TieredStore:
             self._count("put_skipped_present" if self.stack.contains(key) else "put_rejected_full")
         return slot
 
+    def reserve_many(
+        self, keys: Sequence[BlockKey], positions: Sequence[int],
+        parents: Sequence[BlockKey | None],
+    ) -> list[int | None]:
+        """DRAM arena rows for a whole save job (one lock round trip): None where the
+        key is held already or there is no room. `commit` or `abort` each row's key."""
+        rows = self.stack.reserve_many(keys, positions, parents)
+        for key, row in zip(keys, rows, strict=True):
+            if row is None:
+                self._count("put_skipped_present" if self.stack.contains(key)
+                            else "put_rejected_full")
+        return rows
+
     def commit(self, key: BlockKey) -> None:
         self.stack.commit(key)
         with self._lock:
@@ -210,6 +225,20 @@ class TieredStore:
 
     def release(self, key: BlockKey) -> None:
         self.stack.release(key)
+
+    def acquire_prefix(self, keys: Sequence[BlockKey]) -> list[int]:
+        """DRAM arena rows of the longest prefix of `keys` any tier holds (promoted
+        into DRAM first), held until `release_many`."""
+        start = time.perf_counter()
+        rows = self.stack.acquire_prefix(keys)
+        with self._lock:
+            self.counters["get_hits"] += len(rows)
+            self.counters["get_misses"] += int(len(rows) < len(keys))
+        self.get_latency.add(time.perf_counter() - start)
+        return rows
+
+    def release_many(self, keys: Sequence[BlockKey]) -> None:
+        self.stack.release_many(keys)
 
     def get(self, key: BlockKey, out: torch.Tensor | None = None) -> torch.Tensor | None:
         view = self.acquire(key)

@@ -152,9 +152,9 @@ def test_none_pages_are_byte_compatible_with_kv_layout():
     layout = KVLayout({f"layer{i}": c for i, c in enumerate(kv)})
     codec = get_codec("none", PageGeometry.from_tensors(kv))
     assert codec.encoded_size(layout.page_bytes) == layout.page_bytes
-    page = torch.empty(layout.page_bytes, dtype=torch.uint8)
-    layout.gather(4, page)
-    assert torch.equal(codec.encode(block(kv, 4)).data, page)
+    pages = torch.empty(1, layout.page_bytes, dtype=torch.uint8)
+    layout.save_blocks([4], pages, [0])
+    assert torch.equal(codec.encode(block(kv, 4)).data, pages[0])
 
 
 # -- round trips --------------------------------------------------------------------------
@@ -432,7 +432,7 @@ def test_page_mover_save_counts_nonfinite_groups(codec):
     kv[1][3, 0, 5, 0] = float("nan")  # one K group of block 3, layer 1
     kv[0][3, 1, 7, -1] = float("inf")  # one V group of block 3, layer 0
     mover = PageMover(KVLayout({f"layer{i}": c for i, c in enumerate(kv)}), codec)
-    slot = torch.empty(mover.page_bytes, dtype=torch.uint8)
-    assert mover.save(2, slot) == 0
+    pages = torch.empty(3, mover.page_bytes, dtype=torch.uint8)
+    nonfinite, _ = mover.save([2, 3, 4], pages, [0, 1, 2])
     # codec none copies bytes unchecked; the quantized codecs count the poisoned groups
-    assert mover.save(3, slot) == (0 if codec == "none" else 2)
+    assert nonfinite == [0, 0 if codec == "none" else 2, 0]

@@ -47,6 +47,7 @@ if _saved_interpret is None:
 else:
     os.environ["TRITON_INTERPRET"] = _saved_interpret
 
+pytestmark = pytest.mark.gpu  # part of the GPU proof kit (scripts/gpu_check.sh)
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 IMPLS = [m for m in (triton_impl, reference) if m is not None]
 needs_triton = pytest.mark.skipif(

@@ -19,21 +19,21 @@ def test_page_holds_every_layer_k_and_v_of_one_block():
     layout = KVLayout(kv)
     assert layout.page_bytes == 3 * 2 * 128 * 128 * 2
     assert layout.description.text == "BHNC[2x128x128]x3:bfloat16"
-    page = torch.empty(layout.page_bytes, dtype=torch.uint8)
-    layout.gather(5, page)
-    for view, cache in zip(layout.page_views(page), kv.values(), strict=True):
+    pages = torch.empty(1, layout.page_bytes, dtype=torch.uint8)
+    layout.save_blocks([5], pages, [0])
+    for view, cache in zip(layout.page_views(pages[0]), kv.values(), strict=True):
         assert torch.equal(view, cache[5])
 
 
 def test_round_trip_into_other_blocks_is_bit_exact():
     kv = caches()
     layout = KVLayout(kv)
-    pages = [torch.empty(layout.page_bytes, dtype=torch.uint8) for _ in range(3)]
+    pages = torch.empty(3, layout.page_bytes, dtype=torch.uint8)
     src = [1, 7, 3]
-    layout.gather_many(src, pages)
+    layout.save_blocks(src, pages, [0, 1, 2])
     before = {name: t.clone() for name, t in kv.items()}
     dst = [10, 0, 4]
-    layout.scatter_many(pages, dst)
+    layout.load_blocks(pages, [0, 1, 2], dst)
     for name, cache in kv.items():
         for s, d in zip(src, dst, strict=True):
             assert torch.equal(cache[d], before[name][s])
@@ -46,10 +46,10 @@ def test_strided_engine_layout_round_trips():
     phys = torch.randn(2, 6, 16, 128).to(torch.float16)
     view = phys.permute(1, 0, 2, 3)
     layout = KVLayout({"l0": view})
-    page = torch.empty(layout.page_bytes, dtype=torch.uint8)
-    layout.gather(4, page)
+    pages = torch.empty(1, layout.page_bytes, dtype=torch.uint8)
+    layout.save_blocks([4], pages, [0])
     view[2].zero_()
-    layout.scatter(page, 2)
+    layout.load_blocks(pages, [0], [2])
     assert torch.equal(view[2], view[4])
 
 

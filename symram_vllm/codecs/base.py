@@ -229,6 +229,27 @@ class FixedSizeCodec(Codec):
         ids = as_index(block_ids, kv_caches[0].device)
         return self._encode_rows(kv_caches, ids, pages, as_index(page_ids, pages.device))
 
+    def encode_blocks_lazy(
+        self,
+        kv_caches: Sequence[torch.Tensor],
+        block_ids: IndexLike,
+        pages: torch.Tensor,
+        page_ids: IndexLike,
+    ) -> torch.Tensor:
+        """`encode_blocks` without host syncs or error measurement: returns each
+        block's count of inf/NaN scale groups as a tensor, to be read once the copies
+        have landed (the transfer path's fence), not now."""
+        self.geometry.check_blocks(kv_caches, "encode_blocks")
+        ids = as_index(block_ids, kv_caches[0].device)
+        return self._encode_lazy(kv_caches, ids, pages, as_index(page_ids, pages.device))
+
+    def _encode_lazy(
+        self, caches: Sequence[torch.Tensor], ids: torch.Tensor, pages: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> torch.Tensor:
+        metas = self._encode_rows(caches, ids, pages, rows)
+        return torch.tensor([m.nonfinite_groups for m in metas], dtype=torch.int64)
+
     def decode_blocks(
         self,
         pages: torch.Tensor,

@@ -19,6 +19,7 @@ import torch
 from symram_vllm.codecs.base import FixedSizeCodec, PageGeometry, PageMeta
 from symram_vllm.codecs.pages import align_up, region
 from symram_vllm.kernels import dequantize_scatter, gather_quantize, quant_dtype, scales_shape
+from symram_vllm.kernels.block_copy import consecutive_start
 
 
 class QuantCodec(FixedSizeCodec):
@@ -60,29 +61,62 @@ class QuantCodec(FixedSizeCodec):
         self, caches: Sequence[torch.Tensor], ids: torch.Tensor, pages: torch.Tensor,
         rows: torch.Tensor,
     ) -> list[PageMeta]:
-        device = ids.device
-        # A CUDA cache and a host page array: quantize on the device into a staging
-        # array of encoded size (half the raw bytes or less), then one copy to the host.
-        target, target_rows = pages, rows
-        if pages.device != device:
-            target = torch.empty((ids.numel(), self._page_size), dtype=torch.uint8, device=device)
-            target_rows = torch.arange(ids.numel(), device=device)
+        if pages.device == ids.device:
+            self._encode_lazy(caches, ids, pages, rows)
+            return self._metas(caches, ids, pages, rows)
+        # Measure on the device copy, then point each meta's scales at the host page.
+        target = torch.empty((ids.numel(), self._page_size), dtype=torch.uint8,
+                             device=ids.device)
+        local = torch.arange(ids.numel(), device=ids.device)
+        self._quantize(caches, ids, target, local)
+        metas = self._metas(caches, ids, target, local)
+        self._to_pages(target, pages, rows)
+        for meta, row in zip(metas, rows.tolist(), strict=True):
+            meta.scales = self.all_scales(pages)[row]
+        return metas
+
+    def _encode_lazy(
+        self, caches: Sequence[torch.Tensor], ids: torch.Tensor, pages: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> torch.Tensor:
+        if pages.device == ids.device:
+            self._quantize(caches, ids, pages, rows)
+            return self._nonfinite(pages, rows)
+        # A CUDA cache and host pages: quantize on the device into a staging array of
+        # encoded size (half the raw bytes or less), then one copy to the host rows.
+        target = torch.empty((ids.numel(), self._page_size), dtype=torch.uint8,
+                             device=ids.device)
+        local = torch.arange(ids.numel(), device=ids.device)
+        self._quantize(caches, ids, target, local)
+        self._to_pages(target, pages, rows)
+        return self._nonfinite(target, local)
+
+    def _quantize(
+        self, caches: Sequence[torch.Tensor], ids: torch.Tensor, pages: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> None:
         for layer, cache in enumerate(caches):
             gather_quantize(
                 cache, ids, self.fmt, self.granularity,
-                out=self.codes_view(target, layer), out_scales=self.scales_view(target, layer),
-                out_rows=target_rows,
+                out=self.codes_view(pages, layer), out_scales=self.scales_view(pages, layer),
+                out_rows=rows,
             )
         # Padding bytes would otherwise keep whatever the slot held before.
-        target[:, self._codes_bytes * self.geometry.num_layers : self._scales_at].index_fill_(
-            0, target_rows, 0)
-        target[:, self._end :].index_fill_(0, target_rows, 0)
-        metas = self._metas(caches, ids, target, target_rows)
-        if target is not pages:
-            pages.index_copy_(0, rows, target.to(pages.device))
-            for i, meta in enumerate(metas):
-                meta.scales = self.all_scales(pages)[int(rows[i])]
-        return metas
+        pages[:, self._codes_bytes * self.geometry.num_layers : self._scales_at].index_fill_(
+            0, rows, 0)
+        pages[:, self._end :].index_fill_(0, rows, 0)
+
+    def _nonfinite(self, pages: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Per-row count of NaN scales (groups that held inf/NaN), left on the device."""
+        return torch.isnan(self.all_scales(pages).index_select(0, rows)).flatten(1).sum(1)
+
+    @staticmethod
+    def _to_pages(staged: torch.Tensor, pages: torch.Tensor, rows: torch.Tensor) -> None:
+        start = consecutive_start(rows.cpu())
+        if start is not None:
+            pages[start : start + staged.shape[0]].copy_(staged, non_blocking=pages.is_pinned())
+        else:
+            pages.index_copy_(0, rows, staged.to(pages.device))
 
     def _decode_rows(
         self, pages: torch.Tensor, rows: torch.Tensor, caches: Sequence[torch.Tensor],
@@ -90,7 +124,10 @@ class QuantCodec(FixedSizeCodec):
     ) -> None:
         device = ids.device
         if pages.device != device:
-            pages = pages.index_select(0, rows).to(device)
+            start = consecutive_start(rows.cpu())
+            staged = (pages[start : start + ids.numel()] if start is not None
+                      else pages.index_select(0, rows))
+            pages = staged.to(device, non_blocking=pages.is_pinned())
             rows = torch.arange(ids.numel(), device=device)
         for layer, cache in enumerate(caches):
             dequantize_scatter(
@@ -107,7 +144,7 @@ class QuantCodec(FixedSizeCodec):
     ) -> list[PageMeta]:
         n = ids.numel()
         scales = self.all_scales(pages)
-        nonfinite = torch.isnan(scales.index_select(0, rows)).flatten(1).sum(1).tolist()
+        nonfinite = self._nonfinite(pages, rows).tolist()
         metas = [
             PageMeta(self.name, self.geometry.page_bytes, self._page_size,
                      scales=scales[int(r)], nonfinite_groups=int(bad))

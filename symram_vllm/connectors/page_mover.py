@@ -1,25 +1,39 @@
-"""Moves one engine block in and out of a tier page, through the configured codec.
+"""Moves a whole job of engine blocks in and out of tier pages, through the codec.
 
-With codec ``none`` a page is the block's raw bytes (``KVLayout.gather``/``scatter``).
-With ``int8``/``fp8`` the block is quantized straight into the DRAM slot on the way
-out and dequantized straight into the engine's cache on the way in: no full-size
-temporary on either path. The device dispatch (Triton on CUDA, the byte-identical
-torch reference on CPU) lives in ``symram_vllm.kernels``.
+A job is n engine blocks and n rows of the DRAM arena (``[slots, page_bytes]``).
+
+* Codec ``none``: a page is the block's raw bytes in canonical order, moved with
+  ``KVLayout.save_blocks``/``load_blocks``: one device operation per layer (one per
+  job on block-major caches and on the Triton path), never one per block.
+* ``int8``/``fp8``: one ``encode_blocks``/``decode_blocks`` call per job, one kernel
+  launch per layer, written straight into the arena rows.
+
+Device work is asynchronous on CUDA (the caller runs it on a side stream); every
+method returns only after the bytes have landed (``fence``), because the caller
+publishes saved rows to readers and hands loaded blocks back to vLLM right after.
+The check for inf/NaN scale groups is read after that same fence, so the save path
+has no extra host sync.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from symram_vllm.codecs import get_codec
 from symram_vllm.codecs.base import FixedSizeCodec, PageGeometry
+from symram_vllm.connectors.faults import CopyFaults
 from symram_vllm.layout import KVLayout
 
 
 class PageMover:
-    def __init__(self, layout: KVLayout, codec_name: str = "none") -> None:
+    def __init__(
+        self, layout: KVLayout, codec_name: str = "none", faults: CopyFaults | None = None
+    ) -> None:
         self.layout = layout
         self.codec_name = codec_name
+        self.faults = faults or CopyFaults.from_env()
         self.codec: FixedSizeCodec | None = None
         if codec_name != "none":
             codec = get_codec(
@@ -33,21 +47,41 @@ class PageMover:
             self.codec = codec
         self.page_bytes = self.codec.encoded_size() if self.codec else layout.page_bytes
 
-    def save(self, block_id: int, slot: torch.Tensor) -> int:
-        """Engine block `block_id` (all layers) -> the flat uint8 page `slot`.
+    def save(
+        self, block_ids: Sequence[int], pages: torch.Tensor, rows: Sequence[int]
+    ) -> tuple[list[int], int]:
+        """Engine blocks `block_ids` -> rows `rows` of `pages` ([P, page_bytes] uint8).
 
-        Returns the page's count of scale groups that held inf/NaN (int8/fp8; they
-        decode as NaN): a caller should abort such a page rather than cache it. Codec
-        none copies bytes unchecked and returns 0."""
+        Returns, per block, the count of scale groups that held inf/NaN (int8/fp8;
+        they decode as NaN: a caller aborts such pages rather than cache them; codec
+        none copies bytes unchecked and reports 0), and the device operations issued."""
+        self.faults.check("save")
         if self.codec is None:
-            self.layout.gather(block_id, slot)
-            return 0
-        metas = self.codec.encode_blocks(self.layout.caches, [block_id], slot.view(1, -1), [0])
-        return sum(m.nonfinite_groups for m in metas)
+            ops = self.layout.save_blocks(block_ids, pages, rows)
+            self.fence()
+            return [0] * len(block_ids), ops
+        nonfinite = self.codec.encode_blocks_lazy(self.layout.caches, block_ids, pages, rows)
+        self.fence()
+        return [int(n) for n in nonfinite.tolist()], self._codec_ops(pages)
 
-    def load(self, page: torch.Tensor, block_id: int) -> None:
-        """The flat uint8 page -> engine block `block_id` (all layers)."""
+    def load(self, pages: torch.Tensor, rows: Sequence[int], block_ids: Sequence[int]) -> int:
+        """Rows `rows` of `pages` -> engine blocks `block_ids` (distinct). Returns the
+        device operations issued."""
+        self.faults.check("load")
         if self.codec is None:
-            self.layout.scatter(page, block_id)
+            ops = self.layout.load_blocks(pages, rows, block_ids)
         else:
-            self.codec.decode_blocks(page.view(1, -1), [0], self.layout.caches, [block_id])
+            self.codec.decode_blocks(pages, list(rows), self.layout.caches, list(block_ids))
+            ops = self._codec_ops(pages)
+        self.fence()
+        return ops
+
+    def _codec_ops(self, pages: torch.Tensor) -> int:
+        """One kernel per layer, the padding fills and NaN count, and one copy across
+        devices when the pages live elsewhere than the cache."""
+        return len(self.layout.caches) + 3 + int(pages.device != self.layout.device)
+
+    def fence(self) -> None:
+        """Wait (this thread only) until the copies queued on the current stream landed."""
+        if self.layout.device.type == "cuda":
+            torch.cuda.current_stream(self.layout.device).synchronize()

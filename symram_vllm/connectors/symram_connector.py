@@ -23,6 +23,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from symram_vllm import bypass, latency_sink
 from symram_vllm.config import ConfigError, SymramConfig, load_config
+from symram_vllm.connectors.kv_layout_choice import choose_kv_layout
 from symram_vllm.connectors.metadata import SymramConnectorMetadata, SymramWorkerMetadata
 from symram_vllm.connectors.scheduler import SchedulerSide
 from symram_vllm.connectors.vllm_stats import SymramConnectorStats, SymramPromMetrics
@@ -187,6 +188,14 @@ def build_signature(
 
 class SymramConnector(KVConnectorBase_V1):
     _cache_hit_source = CacheHitSource.HOST
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
+        try:
+            setting = _read_config(vllm_config).kv_layout
+        except SymramStartupError:
+            return None  # __init__ reports the bad config with its full message
+        return choose_kv_layout(setting, vllm_config.device_config.device_type)
 
     @property
     def requires_kv_delivery(self) -> bool:

@@ -65,6 +65,11 @@ COUNTERS: dict[str, str] = {
     "lookup_hit_blocks": "Blocks the directory promised for loading (own and shared tiers)",
     "redis_removed_blocks": "Redis page-tier evictions removed from the directory",
     "directory_stale_blocks": "Directory locations dropped because a load could not use them",
+    "transfer_ops": "Device copy operations and kernel launches issued by load and save jobs",
+    "load_jobs": "Load jobs finished (each moves a request's blocks in one batch)",
+    "save_jobs": "Save jobs finished (each moves a request's blocks in one batch)",
+    "load_job_errors": "Load jobs that raised (all their blocks became load errors)",
+    "save_job_errors": "Save jobs that raised (their pages were dropped)",
 }
 GAUGES: dict[str, str] = {
     "dram_pages": "Pages resident in the DRAM tier",

@@ -4,6 +4,7 @@ the TieredStore, off the forward path, and reports what happened.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -44,6 +45,10 @@ class JobResult:
     nonfinite: int = 0
     # The chain key whose page could not be loaded (none of the tiers had it intact).
     failed_keys: list[bytes] = field(default_factory=list)
+    # Device copy operations and kernel launches the job issued.
+    ops: int = 0
+    # The job raised: a load failed all its blocks, a save dropped its pages.
+    error: bool = False
 
 
 class WorkerSide:
@@ -66,8 +71,8 @@ class WorkerSide:
         self.runner: TransferRunner | None = None
         self.control: object | None = None
         self._lock = threading.Lock()
-        self._loads: dict[str, Future[JobResult]] = {}
-        self._saves: dict[str, list[Future[JobResult]]] = defaultdict(list)
+        self._loads: dict[str, tuple[BlockJob, Future[JobResult]]] = {}
+        self._saves: dict[str, list[tuple[BlockJob, Future[JobResult]]]] = defaultdict(list)
         self._awaiting_free: set[str] = set()
         self._load_errors: set[int] = set()
         self._processed: list[bytes] = []
@@ -94,18 +99,20 @@ class WorkerSide:
         self.store = TieredStore(
             mover.page_bytes, self.config.dram_bytes, disk=disk, policy=self.config.policy,
             remotes=remotes, redis_pages=redis_pages,
+            device_index=layout.device.index if layout.device.type == "cuda" else None,
         )
         self.runner = TransferRunner(layout.device, self.config.transfer_threads)
         self.control = start_control_server(self.config, self.store, self.rank, self.info)
         logger.info(
             "symram worker rank %d: %d layers, page %d bytes (codec %s), DRAM tier %d pages "
-            "(%s pinned), disk tier %s, remote tiers %s",
+            "(%s pinned; %s), disk tier %s, remote tiers %s",
             self.rank,
             len(layout.layers),
             mover.page_bytes,
             mover.codec_name,
             self.store.dram.num_slots,
             "" if self.store.dram.pinned else "not",
+            self.store.dram.placement,
             disk.root if disk is not None else "off",
             ", ".join(r.name for r in self.store.stack.remotes) or "none",
         )
@@ -125,7 +132,7 @@ class WorkerSide:
         if not meta.preempted:
             return
         with self._lock:
-            pending = [f for req in meta.preempted for f in self._saves.get(req, [])]
+            pending = [f for req in meta.preempted for _, f in self._saves.get(req, [])]
         wait(pending)
 
     def start_loads(self, meta: SymramConnectorMetadata, *, idle_step: bool = False) -> None:
@@ -138,10 +145,15 @@ class WorkerSide:
                 self._fail_job(job)
                 continue
             assert self.runner is not None
-            future = self.runner.submit(lambda job=job: self._run_load(job))
+            try:
+                future = self.runner.submit(lambda job=job: self._run_load(job))
+            except Exception:
+                logger.exception("symram could not start a load for %s", job.req_id)
+                self._fail_job(job)
+                continue
             submitted.append(future)
             with self._lock:
-                self._loads[job.req_id] = future
+                self._loads[job.req_id] = (job, future)
         if idle_step and submitted:
             wait(submitted)
 
@@ -154,88 +166,129 @@ class WorkerSide:
             return
         assert self.runner is not None
         for job in meta.saves:
-            future = self.runner.submit(lambda job=job: self._run_save(job))
+            try:
+                future = self.runner.submit(lambda job=job: self._run_save(job))
+            except Exception:  # no copy started: nothing holds the blocks
+                logger.exception("symram could not start a save for %s", job.req_id)
+                with self._lock:
+                    self._processed.extend(job.keys)
+                    self._counters["save_job_errors"] += 1
+                continue
             with self._lock:
-                self._saves[job.req_id].append(future)
+                self._saves[job.req_id].append((job, future))
 
     def _fail_job(self, job: BlockJob) -> None:
         future: Future[JobResult] = Future()
         future.set_result(JobResult(job.req_id, failed_block_ids=list(job.block_ids)))
         with self._lock:
-            self._loads[job.req_id] = future
+            self._loads[job.req_id] = (job, future)
 
     # -- the copies (run on the transfer thread) -----------------------------------------
+    # A job's outcome is data: every block is either moved or reported failed. An
+    # exception anywhere in a copy never escapes as a vanished future; a load turns it
+    # into load errors for every block of the job (vLLM recomputes them), a save
+    # abandons its pages (nothing half-written is ever published).
     def _run_load(self, job: BlockJob) -> JobResult:
-        assert self.store is not None and self.mover is not None
         result = JobResult(job.req_id)
         start = time.perf_counter()
-        for index, (block_id, chain) in enumerate(zip(job.block_ids, job.keys, strict=True)):
-            key = BlockKey(chain, self.rank)
-            page = self.store.acquire(key)
-            if page is None:
-                # vLLM recomputes from the first failed block on; later blocks are
-                # unusable without it, so report them all.
-                result.failed_block_ids.extend(job.block_ids[index:])
-                result.failed_keys.append(chain)
-                break
-            try:
-                self.mover.load(page, block_id)
-            finally:
-                self.store.release(key)
-            result.moved_blocks += 1
-        result.moved_bytes = result.moved_blocks * self.mover.page_bytes
+        try:
+            self._load_job(job, result)
+        except Exception:
+            logger.exception("symram load job for %s failed; vLLM recomputes it", job.req_id)
+            result.error = True
+            result.moved_blocks = result.moved_bytes = 0
+            result.failed_block_ids = list(job.block_ids)
+            result.failed_keys = list(job.keys[:1])
         result.seconds = time.perf_counter() - start
         return result
 
-    def _run_save(self, job: BlockJob) -> JobResult:
+    def _load_job(self, job: BlockJob, result: JobResult) -> None:
         assert self.store is not None and self.mover is not None
+        keys = [BlockKey(chain, self.rank) for chain in job.keys]
+        rows = self.store.acquire_prefix(keys)
+        held = keys[: len(rows)]
+        try:
+            if rows:
+                result.ops = self.mover.load(self.store.dram.arena, rows,
+                                             job.block_ids[: len(rows)])
+        finally:
+            self.store.release_many(held)
+        result.moved_blocks = len(rows)
+        result.moved_bytes = len(rows) * self.mover.page_bytes
+        if len(rows) < len(job.block_ids):
+            # vLLM recomputes from the first failed block on; later blocks are unusable
+            # without it, so report them all.
+            result.failed_block_ids = list(job.block_ids[len(rows):])
+            result.failed_keys = [job.keys[len(rows)]]
+
+    def _run_save(self, job: BlockJob) -> JobResult:
         result = JobResult(job.req_id, processed_keys=list(job.keys))
         start = time.perf_counter()
-        parent: BlockKey | None = None
-        for index, (block_id, chain) in enumerate(zip(job.block_ids, job.keys, strict=True)):
-            key = BlockKey(chain, self.rank)
-            position = job.position(index)
-            follows = index > 0 and job.position(index - 1) == position - 1
-            slot = self.store.reserve(key, position, parent if follows else None)
-            parent = key
-            if slot is None:
+        try:
+            self._save_job(job, result)
+        except Exception:
+            logger.exception("symram save job for %s failed; its pages are dropped", job.req_id)
+            result.error = True
+            result.moved_blocks = result.moved_bytes = 0
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _save_job(self, job: BlockJob, result: JobResult) -> None:
+        assert self.store is not None and self.mover is not None
+        keys = [BlockKey(chain, self.rank) for chain in job.keys]
+        parents: list[BlockKey | None] = [
+            keys[i - 1] if i > 0 and job.position(i - 1) == job.position(i) - 1 else None
+            for i in range(len(keys))
+        ]
+        positions = [job.position(i) for i in range(len(keys))]
+        rows = self.store.reserve_many(keys, positions, parents)
+        todo = [i for i, row in enumerate(rows) if row is not None]
+        for i, row in enumerate(rows):
+            if row is None:
                 result.skipped += 1
-                if self.store.contains(key):
-                    self.store.readvertise(key)
-                continue
-            try:
-                nonfinite_groups = self.mover.save(block_id, slot)
-            except BaseException:
-                self.store.abort(key)
-                raise
-            if nonfinite_groups:
+                if self.store.contains(keys[i]):
+                    self.store.readvertise(keys[i])
+        if not todo:
+            return
+        try:
+            nonfinite, result.ops = self.mover.save(
+                [job.block_ids[i] for i in todo], self.store.dram.arena,
+                [rows[i] for i in todo],
+            )
+        except BaseException:
+            # Copies already queued on the device must land before the rows are reused.
+            with contextlib.suppress(Exception):
+                self.mover.fence()
+            for i in todo:
+                self.store.abort(keys[i])
+            raise
+        for i, bad in zip(todo, nonfinite, strict=True):
+            if bad:
                 # Never cache a poisoned page: a later hit would hand NaN to attention
                 # where recomputation gives the engine's own (equally non-finite, but
                 # not persisted) result.
-                self.store.abort(key)
+                self.store.abort(keys[i])
                 result.nonfinite += 1
                 continue
-            self.store.commit(key)
+            self.store.commit(keys[i])
             result.moved_blocks += 1
         result.moved_bytes = result.moved_blocks * self.mover.page_bytes
-        result.seconds = time.perf_counter() - start
-        return result
 
     # -- completion ----------------------------------------------------------------------
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
         recving: set[str] = set()
         sending: set[str] = set()
         with self._lock:
-            for req_id, future in list(self._loads.items()):
+            for req_id, (job, future) in list(self._loads.items()):
                 if future.done():
                     del self._loads[req_id]
                     recving.add(req_id)
-                    self._absorb(future, "load")
+                    self._absorb(future, "load", job)
             for req_id, futures in list(self._saves.items()):
-                remaining = [f for f in futures if not f.done()]
-                for f in futures:
+                remaining = [(j, f) for j, f in futures if not f.done()]
+                for j, f in futures:
                     if f.done():
-                        self._absorb(f, "save")
+                        self._absorb(f, "save", j)
                 if remaining:
                     self._saves[req_id] = remaining
                 else:
@@ -246,14 +299,24 @@ class WorkerSide:
                     sending.add(req_id)
         return sending, recving
 
-    def _absorb(self, future: Future[JobResult], kind: str) -> None:
+    def _absorb(self, future: Future[JobResult], kind: str, job: BlockJob) -> None:
         try:
             result = future.result()
-        except Exception:
+        except BaseException:  # _run_* catch everything; this is the last line of defence
             logger.exception("symram %s job failed", kind)
             self._counters[f"{kind}_job_errors"] += 1
-            return
-        latency_sink.record(kind, result.seconds)  # symram:{load,save}_duration_seconds
+            result = JobResult(job.req_id)
+            if kind == "load":
+                result.failed_block_ids = list(job.block_ids)
+                result.failed_keys = list(job.keys[:1])
+            else:
+                result.processed_keys = list(job.keys)
+            result.error = True
+        self._counters[f"{kind}_job_errors"] += int(result.error)
+        self._counters["transfer_ops"] += result.ops
+        self._counters[f"{kind}_jobs"] += 1
+        if not result.error:
+            latency_sink.record(kind, result.seconds)  # symram:{load,save}_duration_seconds
         if kind == "load":
             self._counters["loaded_blocks"] += result.moved_blocks
             self._counters["load_bytes"] += result.moved_bytes

@@ -9,15 +9,16 @@ PCIe/NVLink speed and asynchronously. Slots are handed out zero-copy:
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from symram_vllm.capability import pinned_memory_supported
+from symram_vllm.capability import on_numa_node_of, pinned_memory_supported
 from symram_vllm.keys import BlockKey
 from symram_vllm.tiers.base import Tier, TierStats
 
@@ -43,6 +44,7 @@ class DramTier(Tier):
         clock: Callable[[], float] = time.monotonic,
         victim_chooser: VictimChooser | None = None,
         victim_window: int = 16,
+        device_index: int | None = None,
     ) -> None:
         if page_bytes <= 0:
             raise ValueError(f"page_bytes must be positive, got {page_bytes}")
@@ -57,13 +59,22 @@ class DramTier(Tier):
         self.pinned = pinned_memory_supported() if pin_memory is None else pin_memory
         # torch.empty does not touch the pages, so an unused budget costs no RSS on
         # CPU hosts; pinned allocations are committed up front, as CUDA requires.
-        self.arena = torch.empty((num_slots, page_bytes), dtype=torch.uint8, pin_memory=self.pinned)
+        self.placement = "not pinned: no NUMA placement"
+        if self.pinned:
+            # Pinned pages are touched at allocation: do it next to the GPU it serves.
+            with on_numa_node_of(device_index) as self.placement:
+                self.arena = torch.empty((num_slots, page_bytes), dtype=torch.uint8,
+                                         pin_memory=True)
+        else:
+            self.arena = torch.empty((num_slots, page_bytes), dtype=torch.uint8)
         self._lock = threading.RLock()
         self._lru: OrderedDict[BlockKey, int] = OrderedDict()
         self._reserved: dict[BlockKey, int] = {}
         self._readers: dict[BlockKey, int] = {}
         self._pinned_until: dict[BlockKey, float] = {}
-        self._free: list[int] = list(range(num_slots - 1, -1, -1))
+        # A min-heap: the lowest free slot goes first, so a job's rows are usually one
+        # consecutive run of the arena (one copy per segment instead of a scatter).
+        self._free: list[int] = list(range(num_slots))
         self._on_evict = on_evict
         self._clock = clock
         # Scoring only the `victim_window` oldest candidates keeps eviction O(window)
@@ -107,7 +118,7 @@ class DramTier(Tier):
                 return False
             slot = self._lru.pop(key)
             self._pinned_until.pop(key, None)
-            self._free.append(slot)
+            heapq.heappush(self._free, slot)
             return True
 
     def keys(self) -> Iterator[BlockKey]:
@@ -144,7 +155,7 @@ class DramTier(Tier):
         with self._lock:
             slot = self._reserved.pop(key, None)
             if slot is not None:
-                self._free.append(slot)
+                heapq.heappush(self._free, slot)
 
     def acquire(self, key: BlockKey) -> torch.Tensor | None:
         """Read view of a stored page, protected from eviction until `release`."""
@@ -166,13 +177,53 @@ class DramTier(Tier):
             else:
                 self._readers[key] = count
 
+    # -- whole jobs in one lock round trip ----------------------------------------------
+    def reserve_rows(self, keys: Sequence[BlockKey]) -> list[int | None]:
+        """Arena rows to fill for `keys` (then ``commit``/``abort`` each), taken under
+        one lock. None for a key already stored or being written, and for every key
+        once nothing more can be evicted. Free slots come off a min-heap in ascending
+        order, so a job's rows are usually one consecutive run: one copy per segment."""
+        rows: list[int | None] = []
+        with self._lock:
+            full = False
+            for key in keys:
+                if full or key in self._lru or key in self._reserved:
+                    rows.append(None)
+                    continue
+                try:
+                    slot = self._take_slot()
+                except DramTierFull:
+                    full = True
+                    rows.append(None)
+                    continue
+                self._reserved[key] = slot
+                rows.append(slot)
+        return rows
+
+    def acquire_rows(self, keys: Sequence[BlockKey]) -> list[int]:
+        """Rows of the longest prefix of `keys` stored here, each protected from
+        eviction until ``release``; one lock round trip."""
+        rows: list[int] = []
+        with self._lock:
+            for key in keys:
+                slot = self._lru.get(key)
+                if slot is None:
+                    self._stats.misses += 1
+                    break
+                self._lru.move_to_end(key)
+                self._readers[key] = self._readers.get(key, 0) + 1
+                rows.append(slot)
+            self._stats.hits += len(rows)
+        return rows
+
+    def release_many(self, keys: Sequence[BlockKey]) -> None:
+        with self._lock:
+            for key in keys:
+                self.release(key)
+
     def free_slots(self) -> int:
         with self._lock:
             return len(self._free)
-
-    def slot_of(self, key: BlockKey) -> int | None:
-        with self._lock:
-            return self._lru.get(key)
 
     # -- pinning -----------------------------------------------------------------------
     def pin(self, key: BlockKey, ttl_s: float | None = None) -> bool:
@@ -203,7 +254,7 @@ class DramTier(Tier):
     # -- eviction ----------------------------------------------------------------------
     def _take_slot(self) -> int:
         if self._free:
-            return self._free.pop()
+            return heapq.heappop(self._free)
         victim = self._pick_victim()
         if victim is not None:
             slot = self._lru.pop(victim)
@@ -228,4 +279,4 @@ class DramTier(Tier):
             self._lru.clear()
             self._reserved.clear()
             self._readers.clear()
-            self._free = list(range(self.num_slots - 1, -1, -1))
+            self._free = list(range(self.num_slots))

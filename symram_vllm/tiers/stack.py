@@ -90,6 +90,7 @@ class TierStack:
         remotes: Sequence[RemoteTier] = (),
         remote_writer: RemoteWriter | None = None,
         on_event: EventCallback | None = None,
+        device_index: int | None = None,
     ) -> None:
         self.config = config or PolicyConfig()
         self.clock = clock
@@ -111,6 +112,7 @@ class TierStack:
             clock=clock,
             victim_chooser=self.eviction.choose_victim,
             victim_window=self.config.victim_window,
+            device_index=device_index,
         )
         self.disk = disk
         if disk is not None:
@@ -185,6 +187,34 @@ class TierStack:
         if self.remote_writer is not None and self.remote_writer.offer(key, slot):
             self._count("remote_offered")
         self.dram.commit(key)
+
+    def reserve_many(
+        self, keys: Sequence[BlockKey], positions: Sequence[int],
+        parents: Sequence[BlockKey | None],
+    ) -> list[int | None]:
+        """`reserve` for a whole save job: arena rows (None: held already, or no room),
+        taken in one DRAM lock round trip. Fill the rows, then `commit` or `abort`
+        each reserved key."""
+        fresh = [key for key in keys if not self.contains(key)]
+        if not fresh:
+            return [None] * len(keys)
+        self._wait_for_disk_room()
+        wanted = set(fresh)
+        rows = self.dram.reserve_rows([k for k in keys if k in wanted])
+        by_key = dict(zip([k for k in keys if k in wanted], rows, strict=True))
+        out: list[int | None] = []
+        now = self.clock()
+        for key, position, parent in zip(keys, positions, parents, strict=True):
+            row = by_key.pop(key, None)
+            out.append(row)
+            if row is None:
+                continue
+            self.ledger.touch(key, now, position, parent)
+            with self._lock:
+                self._reserved[key] = self.dram.arena[row]
+        if any(r is None for r in rows):
+            self._count("put_rejected_full", sum(r is None for r in rows))
+        return out
 
     def abort(self, key: BlockKey) -> None:
         with self._lock:
@@ -328,6 +358,40 @@ class TierStack:
 
     def release(self, key: BlockKey) -> None:
         self.dram.release(key)
+
+    def acquire_prefix(self, keys: Sequence[BlockKey]) -> list[int]:
+        """Arena rows of the longest prefix of `keys` this stack can serve, each held
+        until `release_many`. Pages below DRAM (disk, remote tiers) are promoted
+        first, in parallel on the prefetch pool, so a disk hit of n pages keeps
+        several reads in flight instead of one."""
+        missing = [key for key in keys if not self.dram.exists(key)]
+        origin: dict[BlockKey, str] = {}
+        if missing:
+            futures = [self._prefetcher.submit(self._bring_up, key) for key in missing]
+            for key, fut in zip(missing, futures, strict=True):
+                tier = fut.result()
+                if tier is None:
+                    break  # later pages are useless without this one
+                origin[key] = tier
+        rows = self.dram.acquire_rows(keys)
+        for key, row in zip(keys, rows, strict=False):
+            tier = origin.get(key, "dram")
+            if tier in ("dram", "disk"):  # remote hits are counted where they happen
+                self._hit(key, tier, self.dram.arena[row])
+        if len(rows) < len(keys):
+            self._count("misses")
+        return rows
+
+    def _bring_up(self, key: BlockKey) -> str | None:
+        """Promote one page into DRAM; the tier it came from, None if none had it."""
+        if self.dram.exists(key):
+            return "dram"
+        if self._promote(key):
+            return "disk"
+        return self._promote_remote(key) if self.remotes else None
+
+    def release_many(self, keys: Sequence[BlockKey]) -> None:
+        self.dram.release_many(keys)
 
     def get(self, key: BlockKey, out: torch.Tensor | None = None) -> torch.Tensor | None:
         view = self._dram_view(key)

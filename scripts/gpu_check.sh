@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# GPU proof kit: symram's transfer path, tiers and kernels on a real GPU, in one
+# command, with no vLLM and no network (synthetic caches in vLLM's layouts).
+#
+#   scripts/gpu_check.sh            on a CUDA host (python3 with torch/triton/cupy)
+#   scripts/gpu_check.sh --dry-run  the same steps on CPU (CI runs this)
+#
+# Before: scripts/gpu_wheels.sh on a machine with network fills .whl/ with the pure-
+# Python dependencies the GPU host lacks; carry .whl with the working tree.
+# Steps: install the wheels (pip --no-index --target), `pytest -m gpu` (pinned arena,
+# side-stream copies, batched kernels vs their torch reference, Triton int8/fp8 kernels
+# byte-identical to the reference, kvikio probe + GDS round trip), bench_transfer on
+# the device (codecs none/int8/fp8). Everything lands in ${OUT:-gpu-results}/ (at
+# most 8 files): machine.json, kit.log, junit.xml, transfer_<device>.json,
+# summary.json. Budget: under 8 minutes on an H200; each step has its own timeout.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+DRY=0
+case "${1:-}" in
+  --dry-run) DRY=1 ;;
+  "") ;;
+  -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+  *) echo "usage: $0 [--dry-run]" >&2; exit 2 ;;
+esac
+
+OUT="${OUT:-gpu-results}"
+mkdir -p "$OUT"
+LOG="$OUT/kit.log"
+: > "$LOG"
+say() { printf '[gpu_check] %s\n' "$*" | tee -a "$LOG"; }
+
+if [ "$DRY" = 1 ]; then
+  PY="${PYTHON:-${SYMRAM_VENV:-.venv}/bin/python}"
+  DEVICE=cpu
+  # CPU: codec none only (the torch reference quantizer takes minutes per case here;
+  # tests/test_gpu.py still moves int8/fp8 jobs through the same path).
+  BENCH_ARGS=(--quick --codecs none --jobs 1,32,512)
+else
+  PY="${PYTHON:-python3}"
+  DEVICE=cuda
+  BENCH_ARGS=(--repeats 5)
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    SITE=/tmp/symram-site
+    say "installing $(ls .whl/*.whl | wc -l) wheels from .whl/ into $SITE"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$SITE" .whl/*.whl >>"$LOG" 2>&1 || { say "wheel install failed"; exit 1; }
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    say "no .whl/: assuming symram's dependencies are installed (scripts/gpu_wheels.sh)"
+  fi
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+start=$(date +%s)
+
+say "machine"
+{ command -v nvidia-smi >/dev/null && nvidia-smi; } >>"$LOG" 2>&1
+"$PY" - >"$OUT/machine.json" 2>>"$LOG" <<'EOF'
+import json
+from loadtest.machine import describe_machine
+from symram_vllm import capability
+from symram_vllm.kernels import triton_capability
+import torch
+info = describe_machine()
+info.update(capability.describe())
+info["triton"] = triton_capability().reason
+if torch.cuda.is_available():
+    info["gpu_name"] = torch.cuda.get_device_name(0)
+print(json.dumps(info, indent=2, default=str))
+EOF
+cat "$OUT/machine.json" >>"$LOG"
+
+if [ "$DEVICE" = cpu ]; then
+  KERNEL_TESTS=(tests/test_gpu.py tests/test_block_copy.py)
+else
+  # On CUDA test_kernels compares the compiled Triton int8/fp8 kernels with the torch
+  # reference byte for byte, and times them with triton.testing.do_bench.
+  KERNEL_TESTS=(tests/test_gpu.py tests/test_block_copy.py tests/test_kernels.py)
+fi
+say "pytest -m gpu on $DEVICE: ${KERNEL_TESTS[*]}"
+timeout 300 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -m gpu \
+  --junitxml="$OUT/junit.xml" "${KERNEL_TESTS[@]}" 2>&1 | tee -a "$LOG"
+tests_rc=${PIPESTATUS[0]}
+
+say "bench_transfer --device $DEVICE ${BENCH_ARGS[*]}"
+timeout 240 "$PY" -m loadtest.bench_transfer --device "$DEVICE" "${BENCH_ARGS[@]}" \
+  --out "$OUT/transfer_$DEVICE.json" 2>&1 | tee -a "$LOG"
+bench_rc=${PIPESTATUS[0]}
+
+elapsed=$(( $(date +%s) - start ))
+"$PY" - "$OUT" "$DEVICE" "$tests_rc" "$bench_rc" "$elapsed" >"$OUT/summary.json" <<'EOF'
+import json, sys
+from pathlib import Path
+out, device, tests_rc, bench_rc, elapsed = sys.argv[1:]
+summary = {"device": device, "tests_rc": int(tests_rc), "bench_rc": int(bench_rc),
+           "elapsed_s": int(elapsed)}
+bench = Path(out) / f"transfer_{device}.json"
+if bench.exists():
+    data = json.loads(bench.read_text())
+    summary.update({k: v for k, v in data.items() if k.endswith(("_512", "_geometry"))})
+print(json.dumps(summary, indent=2))
+EOF
+cat "$OUT/summary.json" | tee -a "$LOG"
+say "done in ${elapsed}s: tests rc=$tests_rc, bench rc=$bench_rc; results in $OUT/"
+[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]

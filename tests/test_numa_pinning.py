@@ -1,0 +1,50 @@
+"""NUMA-aware pinning: the decisions, tested on a CPU host with a fake sysfs."""
+
+from __future__ import annotations
+
+import os
+
+from symram_vllm import capability
+from symram_vllm.tiers.dram import DramTier
+
+
+def test_sysfs_numa_node_maps_nvml_bus_ids(tmp_path):
+    dev = tmp_path / "0000:17:00.0"
+    dev.mkdir()
+    (dev / "numa_node").write_text("1\n")
+    assert capability._sysfs_numa_node("00000000:17:00.0", tmp_path) == 1
+    (dev / "numa_node").write_text("-1\n")  # firmware did not say
+    assert capability._sysfs_numa_node("00000000:17:00.0", tmp_path) is None
+    assert capability._sysfs_numa_node("00000000:99:00.0", tmp_path) is None
+
+
+def test_node_cpus_parses_cpulists(tmp_path):
+    node = tmp_path / "node1"
+    node.mkdir()
+    (node / "cpulist").write_text("16-19,48,50-51\n")
+    assert capability.node_cpus(1, tmp_path) == {16, 17, 18, 19, 48, 50, 51}
+    assert capability.node_cpus(7, tmp_path) == set()
+
+
+def test_pinning_plan_decisions():
+    cpus, why = capability.pinning_plan(None, set(), {0, 1})
+    assert cpus == set() and "unknown" in why
+    cpus, why = capability.pinning_plan(1, {16, 17}, {0, 1})
+    assert cpus == set() and "no allowed CPU" in why
+    cpus, why = capability.pinning_plan(1, {1, 16, 17}, {0, 1, 16})
+    assert cpus == {1, 16} and "NUMA node 1" in why
+
+
+def test_cpu_host_falls_back_without_touching_affinity():
+    before = os.sched_getaffinity(0)
+    with capability.on_numa_node_of(0) as why:
+        assert os.sched_getaffinity(0) == before
+    assert "no NUMA placement" in why
+    tier = DramTier(4096, 4 * 4096)
+    assert not tier.pinned and "not pinned" in tier.placement
+
+
+def test_describe_reports_real_booleans_and_the_gpu_reason():
+    report = capability.describe()
+    assert isinstance(report["pinned_memory"], bool)
+    assert report["gpus"]  # a list of GPUs, or the reason there is none
