@@ -52,4 +52,4 @@ def test_cpu_host_falls_back_from_every_cuda_path():
     assert not capability.pinned_memory_supported()
     kvikio = capability.kvikio_capability()
     assert not kvikio.available and "CUDA" in kvikio.reason
-    assert set(capability.describe()) == {"cuda", "pinned_memory", "kvikio"}
+    assert set(capability.describe()) == {"cuda", "pinned_memory", "kvikio", "gpus"}

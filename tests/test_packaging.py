@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "symram_vllm"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # Imported only on hosts that have them, and declared under another name.
-NOT_INSTALLED_HERE = {"kvikio": "kvikio-cu13", "triton": "torch"}
+NOT_INSTALLED_HERE = {"kvikio": "kvikio-cu13", "triton": "torch", "pynvml": "nvidia-ml-py"}
 
 
 def _name(requirement: str) -> str:
