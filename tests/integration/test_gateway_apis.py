@@ -10,7 +10,8 @@ commands (`symram stats`, `inspect`, `pin`) against a real engine.
   holds it (route header), for responses and messages;
 * a tenant's prefix is not matched for another tenant (cache salt);
 * a follow-up naming `previous_response_id` reaches the engine that stored it;
-* /tokenize, /detokenize and /v1/embeddings pass through byte for byte.
+* /tokenize, /detokenize and /v1/embeddings pass through byte for byte, and the
+  official client gets the same embeddings from an embedding engine through the gateway.
 """
 
 from __future__ import annotations
@@ -41,13 +42,13 @@ def code(tag: str, lines: int) -> str:
 
 
 class GatewayProcess:
-    def __init__(self, engines: list[tuple[str, EngineServer, int]], log: Path) -> None:
+    def __init__(self, engines: list[tuple[str, EngineServer, int | None]], log: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "symram_vllm.cli", "gateway", "--port", str(self.port)]
         for name, engine, control in engines:
             cmd += ["--backend", f"{engine.base_url},name={name}",
-                    "--control", f"http://127.0.0.1:{control}"]
+                    "--control", f"http://127.0.0.1:{control}" if control else "none"]
         env = {**os.environ, "SYMRAM_GATEWAY_TIMEOUTS__HEALTH_INTERVAL_S": "0.5",
                "SYMRAM_GATEWAY_ROUTING__LOOKUP_TIMEOUT_S": "3",
                "SYMRAM_GATEWAY_LIMITS__MAX_TOKENS_CAP": "64",
@@ -310,3 +311,34 @@ def test_bypass_switch_is_audited_and_shows_in_the_engines_metrics(fleet):
                              timeout=60)
     assert off.returncode == 0, off.stderr
     wait_gauge(0.0)
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_model, artifacts_dir):
+    """The demo model served as an embedding model, behind its own gateway."""
+    engine = EngineServer(tiny_model, artifacts_dir / "gateway_apis_embed.log",
+                          connector="none", kv_cache_bytes=8 << 20,
+                          extra_vllm_args=["--runner", "pooling", "--convert", "embed"])
+    gateway = None
+    try:
+        engine.start()
+        gateway = GatewayProcess([("emb", engine, None)], artifacts_dir / "gateway_embed.log")
+        yield gateway, engine
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        engine.stop()
+
+
+def test_embeddings_through_the_gateway_with_the_openai_client(embedder):
+    gateway, engine = embedder
+    inputs = ["hello", "def fibonacci(n): return n if n < 2 else fibonacci(n - 1)"]
+    direct = OpenAI(base_url=f"{engine.base_url}/v1", api_key="unused").embeddings.create(
+        model="demo", input=inputs)
+    via = OpenAI(base_url=f"{gateway.url}/v1", api_key=KEYS[0]["key"]).embeddings.create(
+        model="demo", input=inputs)
+    assert len(via.data) == 2 and len(via.data[0].embedding) > 0
+    assert [d.embedding for d in via.data] == [d.embedding for d in direct.data]
+    assert via.usage.prompt_tokens == direct.usage.prompt_tokens
+    refused = httpx.post(f"{gateway.url}/v1/embeddings", json={"model": "demo", "input": "x"})
+    assert refused.status_code == 401  # the same auth as every other endpoint
