@@ -45,6 +45,12 @@ bench-codecs: setup
 bench-directory: setup
 	@$(PY) -m loadtest.bench_directory
 
+# AES-256-GCM GB/s per core vs the disk tier's GB/s, and disk-hit TTFT with encryption on
+# vs off (two mid engines, ~15 min); results in loadtest/results/encryption.json.
+.PHONY: bench-encryption
+bench-encryption: setup
+	@nice -n 5 $(PY) -m loadtest.bench_encryption $(BENCH_ARGS)
+
 # Latency the gateway adds over direct calls to a stub engine, and 1,000 concurrent
 # streams through it (~1 min); results in loadtest/results/gateway.json.
 bench-gateway: setup

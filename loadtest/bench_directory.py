@@ -10,10 +10,15 @@
 * registration throughput (keys/s) in batches of 64 keys, as workers report them;
 * dedupe on 16 sessions sharing a 32-block system prompt (4 own blocks each):
   physical bytes over unique blocks x page size (1.0 = perfect dedupe);
-* the Redis page tier's set/get throughput on 1.5 MiB pages, for scale.
+* the Redis page tier's set/get throughput on 1.5 MiB pages, for scale;
+* fleet figures (loadtest/bench_directory_fleet.py): the same lookups on a 3-master +
+  3-replica Redis Cluster next to the single node, namespace-slot against spread-slot
+  sharding, a 256-request scheduler step synchronous against the AsyncDirectory,
+  and one batched lookup per step against refreshing a local mirror.
 
 A and B alternate inside each repeat; medians over repeats are reported. Starts its
-own redis-server on a free 127.0.0.1 port (nothing persisted) and stops it.
+own redis-server and Redis Cluster on free 127.0.0.1 ports (nothing persisted) and
+stops them. The machine is shared with other sessions: figures are noisy.
 Writes loadtest/results/directory.json.
 
     python -m loadtest.bench_directory [--repeats 5] [--lookups 200]
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -34,29 +40,26 @@ from pathlib import Path
 
 import redis
 
+from loadtest import bench_directory_fleet
+from loadtest.bench_timing import alternate
 from loadtest.machine import describe_machine
 from symram_vllm.directory import Directory, EmbeddedDirectory, namespace_for
 from symram_vllm.directory.redis_directory import RedisDirectory, RedisDirectoryOptions
 from symram_vllm.keys import BlockKey
+from symram_vllm.redis_link import LinkOptions
 from symram_vllm.serving.engine_process import free_port
 from symram_vllm.tiers.redis_tier import RedisPageTier
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT_TOKENS = 8192
 SIG = hashlib.blake2b(b"bench-directory", digest_size=32).digest()
+# A benchmark measures latency, not outages: a busy shared machine must not open the
+# breaker (the 0.25 s production socket timeout would, now and then).
+BENCH = RedisDirectoryOptions(link=LinkOptions(socket_timeout_s=10.0, connect_timeout_s=5.0))
 
 
 def chain(i: int, salt: str = "") -> bytes:
     return hashlib.blake2b(f"{salt}/{i}".encode(), digest_size=32).digest()
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def ms(seconds: float) -> float:
-    return round(seconds * 1e3, 4)
 
 
 class RedisProcess:
@@ -92,31 +95,6 @@ class RedisProcess:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def latencies(fn: Callable[[], object], n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
-
-
-def alternate(repeats: int, n: int, arms: dict[str, Callable[[], object]]) -> dict[str, dict]:
-    """Per arm: median over repeats of each repeat's p50 and p95 (ms)."""
-    names = list(arms)
-    p50: dict[str, list[float]] = {a: [] for a in names}
-    p95: dict[str, list[float]] = {a: [] for a in names}
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            samples = latencies(arms[name], n)
-            p50[name].append(statistics.median(samples))
-            p95[name].append(percentile(samples, 0.95))
-    return {
-        a: {"p50_ms": ms(statistics.median(p50[a])), "p95_ms": ms(statistics.median(p95[a]))}
-        for a in names
-    }
-
-
 def pipeline_lookup(d: RedisDirectory, chain_keys: list[bytes], chunk: int = 32) -> int:
     """The alternative to the Lua lookup: HGETALLs pipelined, judged client-side (own
     instance only, server clock not used: enough to time the round trips)."""
@@ -142,10 +120,10 @@ def pipeline_lookup(d: RedisDirectory, chain_keys: list[bytes], chunk: int = 32)
 def bench_lookups(url: str, repeats: int, n: int) -> dict[str, dict]:
     out: dict[str, dict] = {}
     embedded = EmbeddedDirectory()
-    red = RedisDirectory(url, namespace=SIG, instance_id="bench")
+    red = RedisDirectory(url, namespace=SIG, instance_id="bench", options=BENCH)
     # The same lookups in one script call for all keys (no small first call).
-    single = RedisDirectory(url, namespace=SIG, instance_id="bench",
-                            options=RedisDirectoryOptions(first_chunk=512, lookup_chunk=512))
+    single = RedisDirectory(url, namespace=SIG, instance_id="bench", options=RedisDirectoryOptions(
+        first_chunk=512, lookup_chunk=512, link=BENCH.link))
     try:
         for block_size in (128, 16):
             nkeys = PROMPT_TOKENS // block_size
@@ -181,7 +159,8 @@ def bench_lookups(url: str, repeats: int, n: int) -> dict[str, dict]:
 
 def bench_registration(url: str, repeats: int, total: int = 20_000, batch: int = 64) -> dict:
     rates: dict[str, list[float]] = {"embedded": [], "redis": []}
-    red = RedisDirectory(url, namespace=namespace_for(SIG, "registration"), instance_id="bench")
+    red = RedisDirectory(url, namespace=namespace_for(SIG, "registration"), instance_id="bench",
+                         options=BENCH)
     try:
         for r in range(repeats):
             keys = [chain(i, f"reg-{r}") for i in range(total)]
@@ -210,7 +189,8 @@ def bench_dedupe(url: str, page_bytes: int) -> dict:
         ns = namespace_for(SIG, f"dedupe-{name}")
         if instances:
             dirs: list[Directory] = [
-                RedisDirectory(url, namespace=ns, instance_id=f"i{i}") for i in range(instances)
+                RedisDirectory(url, namespace=ns, instance_id=f"i{i}", options=BENCH)
+                for i in range(instances)
             ]
         else:
             dirs = [EmbeddedDirectory()]
@@ -263,6 +243,27 @@ def bench_page_tier(url: str, repeats: int, page_bytes: int, pages: int = 16) ->
     }
 
 
+def fleet_summary(fleet: dict) -> dict:
+    """The headline fleet figures (details under "fleet")."""
+    out: dict[str, object] = {}
+    single = fleet.get("scheduler_path_single_node", {})
+    out["scheduler_step_ms_sync_256"] = single.get("sync_step_ms_median")
+    out["scheduler_step_ms_async_256"] = single.get("async_step_ms_median")
+    out["async_round_trips_per_step"] = single.get("async_round_trips_per_step")
+    out["mirror_refresh_over_batched_lookup"] = fleet["ask_or_mirror"]["mirror_over_ask"]
+    lookup = fleet.get("lookup_64_keys")
+    if isinstance(lookup, dict):
+        out["lookup_p95_ms_single_node_64"] = lookup["single_node"]["p95_ms"]
+        out["lookup_p95_ms_cluster_64"] = lookup["cluster_namespace_slot"]["p95_ms"]
+        out["lookup_p95_ms_cluster_spread_slots_64"] = lookup["cluster_spread_slots"]["p95_ms"]
+        out["lookup_p50_ms_single_node_64"] = lookup["single_node"]["p50_ms"]
+        out["lookup_p50_ms_cluster_64"] = lookup["cluster_namespace_slot"]["p50_ms"]
+        out["lookup_p50_ms_cluster_spread_slots_64"] = lookup["cluster_spread_slots"]["p50_ms"]
+        out["scheduler_step_ms_async_256_cluster"] = \
+            fleet["scheduler_path_cluster"]["async_step_ms_median"]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -273,12 +274,14 @@ def main() -> None:
     page_bytes = args.page_kib * 1024
 
     started = time.perf_counter()
+    load_start = os.getloadavg()[0]
     server = RedisProcess()
     try:
         lookups = bench_lookups(server.url, args.repeats, args.lookups)
         registration = bench_registration(server.url, args.repeats)
         dedupe = bench_dedupe(server.url, page_bytes)
         pages = bench_page_tier(server.url, args.repeats, page_bytes)
+        fleet = bench_directory_fleet.run(server.url, args.repeats, args.lookups)
     finally:
         server.stop()
 
@@ -287,6 +290,9 @@ def main() -> None:
         "benchmark": "directory",
         "command": "python -m loadtest.bench_directory",
         "machine": {**describe_machine(), "redis_server": server.version},
+        "notes": "2 cores shared with other sessions (load average "
+                 f"{load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end): absolute "
+                 "figures are noisy; compare arms of the same run (they alternate).",
         "repeats": args.repeats,
         "lookups_per_repeat": args.lookups,
         "prompt_tokens": PROMPT_TOKENS,
@@ -301,7 +307,9 @@ def main() -> None:
         "registration_keys_per_s_redis": registration["redis_keys_per_s"],
         "dedupe_physical_over_unique": dedupe["redis_two_instances"]["physical_over_unique"],
         "dedupe_logical_over_physical": dedupe["redis_two_instances"]["logical_over_physical"],
+        **fleet_summary(fleet),
         "lookups": lookups,
+        "fleet": fleet,
         "registration": registration,
         "dedupe": dedupe,
         "page_tier": pages,
@@ -325,6 +333,8 @@ def main() -> None:
           f"{d['physical_over_unique']}, logical/physical {d['logical_over_physical']}")
     print(f"page tier ({pages['page_bytes'] >> 10} KiB pages): set {pages['set_gbps']} GB/s, "
           f"get {pages['get_gbps']} GB/s")
+    for key, value in fleet_summary(fleet).items():
+        print(f"{key}: {value}")
     print(f"wrote {args.out}")
 
 

@@ -86,6 +86,23 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return up(options)
 
 
+# The snapshot tools import the disk tier (torch): their parser is built only when one
+# of them runs, so `symram --help` stays torch-free.
+SNAPSHOT_COMMANDS = {
+    "snapshot": "write a tamper-evident manifest of a (stopped) engine's disk tier",
+    "restore": "verify a snapshot and make the next engine start use it",
+}
+
+
+def _cmd_snapshot_tool(argv: list[str]) -> int:
+    from symram_vllm.snapshot_cli import add_commands
+
+    parser = argparse.ArgumentParser(prog="symram")
+    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
 def _cmd_gateway(args: argparse.Namespace) -> int:
     from symram_vllm.serving.gateway.__main__ import main as gateway_main
 
@@ -170,10 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.set_defaults(func=_cmd_gateway)
 
     from symram_vllm.ops_cli import add_commands as add_ops_commands
-    from symram_vllm.snapshot_cli import add_commands as add_snapshot_commands
 
     add_ops_commands(sub)
-    add_snapshot_commands(sub)
+    for name, summary in SNAPSHOT_COMMANDS.items():
+        tool = sub.add_parser(name, add_help=False, help=f"{summary} (symram {name} --help)")
+        tool.add_argument("tool_args", nargs=argparse.REMAINDER)
 
     doctor = sub.add_parser(
         "doctor", help="check this host (vLLM, torch/CUDA, Redis, disk) and the config",
@@ -192,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["gateway"]:  # all of it, --help included, is the gateway's
         return _cmd_gateway(argparse.Namespace(gateway_args=argv[1:]))
+    if argv[:1] and argv[0] in SNAPSHOT_COMMANDS:
+        return _cmd_snapshot_tool(argv)
     # Everything after `--` belongs to vLLM, untouched by our parser.
     passthrough: list[str] = []
     if "--" in argv:

@@ -60,12 +60,15 @@ EXTRA_CONFIG = "kv_connector_extra_config"
 # SYMRAM_* variables that other parts read (not config fields): never "unknown".
 OTHER_ENV = frozenset({
     CONFIG_FILE_ENV,
-    "SYMRAM_SNAPSHOT_KEY",  # tiers/disk.py: manifest signing key
+    "SYMRAM_SNAPSHOT_KEY",  # snapshot.py: manifest signing key
     "SYMRAM_TORCH_INDEX", "SYMRAM_VENV",  # scripts/setup.sh
     "SYMRAM_PORT",  # deploy/docker compose
     "SYMRAM_CHROMIUM", "SYMRAM_CHROMEDRIVER",  # the dashboard browser test
+    "SYMRAM_ENCRYPTION_KEY",  # tiers/crypto.py: the at-rest key (kept out of files)
+    "SYMRAM_FAULT_COPY",  # connectors/faults.py: fault injection
+    "SYMRAM_RUNTIME_DIR",  # bypass.py: where the kill switch's flag lives
 })
-OTHER_ENV_PREFIXES = ("SYMRAM_GATEWAY_",)  # the gateway's own settings
+OTHER_ENV_PREFIXES = ("SYMRAM_GATEWAY_", "SYMRAM_TEST_")  # the gateway's; the tests'
 DIRECTORY_SCHEMES = ("redis", "rediss", "unix", "redis+cluster")
 
 # --- byte sizes -----------------------------------------------------------------------
@@ -236,6 +239,24 @@ class SymramConfig(BaseSettings):
     )
     redis_pages_queue: int = Field(
         default=64, ge=1, description="Pages waiting to be written to Redis (then dropped)."
+    )
+    # Pages at rest (disk, peer disk, Redis pages): AES-256-GCM, docs/security.md.
+    encryption: Literal["off", "optional", "required"] = Field(
+        default="optional",
+        description="Seal pages at rest with AES-256-GCM: required (refuse to start without "
+        "a key; refuse plaintext pages), optional (seal when a key is set; still read "
+        "plaintext pages), off.",
+    )
+    encryption_key_file: Path | None = Field(
+        default=None,
+        description="File holding the 32-byte master key (hex, base64 or raw); chmod 600.",
+    )
+    encryption_key: str | None = Field(
+        default=None,
+        repr=False,  # never in logs, reprs or `symram doctor`
+        exclude=True,
+        description="The master key itself (hex or base64); normally from "
+        "$SYMRAM_ENCRYPTION_KEY. encryption_key_file wins when both are set.",
     )
 
     @field_validator("dram_bytes", "disk_bytes", "redis_pages_bytes", mode="before")

@@ -9,7 +9,8 @@ the first record touched, and :func:`read_manifest` names that record.
 Without a secret the chain is tamper-*evident* against partial edits and
 corruption (anyone can recompute a whole new chain). With ``secret`` (keyed
 BLAKE2b, e.g. from $SYMRAM_SNAPSHOT_KEY) it is a MAC chain: a forger without the
-key cannot produce a manifest that verifies.
+key cannot produce a manifest that verifies. ``snapshot_secret`` reads that key;
+whoever holds it signs and accepts only manifests keyed with it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+SNAPSHOT_KEY_ENV = "SYMRAM_SNAPSHOT_KEY"
 FORMAT = "symram-manifest"
 VERSION = 1
 _PERSON = b"symram-manifest"
@@ -59,6 +61,12 @@ class ManifestError(ValueError):
         self.reason = reason
 
 
+def snapshot_secret() -> bytes | None:
+    """The snapshot key from $SYMRAM_SNAPSHOT_KEY, or None when it is not set."""
+    value = os.environ.get(SNAPSHOT_KEY_ENV)
+    return value.encode() if value else None
+
+
 def _canonical(body: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
@@ -86,7 +94,9 @@ def write_manifest(
     prev = _GENESIS
     count = 0
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        # 0600 like the pages it lists (their keys say which prefixes are cached).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             header = {"format": FORMAT, "version": VERSION, "meta": meta or {}}
             prev = _emit(f, {"header": header}, prev, secret)
             for entry in entries:

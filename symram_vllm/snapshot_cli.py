@@ -2,11 +2,19 @@
 
 A disk tier path holds one tier per model signature and rank
 (``<disk_path>/<signature>/rank<r>/``). ``snapshot`` indexes every one of them
-(verifying page headers it has no manifest for) and writes one BLAKE2-chained
-manifest naming each page, its key, length and checksum. ``restore`` refuses a
-manifest whose chain is broken, checks every listed page against its file, and
-installs the verified list as each tier's start-up manifest, so the next engine
-start trusts it instead of rescanning: a fast, verified warm start.
+(reading and checking each page header, never the payload, so sealed pages need no
+key) and writes one BLAKE2-chained manifest naming each page, its key, length and
+checksum. ``restore`` refuses a manifest whose chain is broken, checks every listed
+page against its file, and installs the verified list as each tier's start-up
+manifest, so the next engine start trusts it instead of rescanning: a fast, verified
+warm start.
+
+A manifest is input from outside, so restore trusts nothing it names: every entry
+must be a page path of the layout (``<signature>/rank<r>/pages/<xx>/<key>.page``, the
+name matching its key) that resolves, symlinks included, inside the disk path, and
+only existing tier directories are touched. With a snapshot key ($SYMRAM_SNAPSHOT_KEY
+or ``--key-file``) ``snapshot`` signs the chain with it and ``restore`` accepts only
+manifests signed with it: without the key, a rewritten manifest cannot verify.
 
 Both work on stopped engines; a running engine holds its tier's lock, and the
 commands say so instead of reading pages under a live writer.
@@ -15,6 +23,7 @@ commands say so instead of reading pages under a live writer.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from dataclasses import replace
@@ -22,12 +31,31 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from symram_vllm.snapshot import ManifestEntry, ManifestError, read_manifest, write_manifest
-
-# The tier modules import torch: loaded when a command runs, not when `symram --help`
-# builds its parser.
+from symram_vllm.keys import BlockKey
+from symram_vllm.snapshot import (
+    SNAPSHOT_KEY_ENV,
+    Manifest,
+    ManifestEntry,
+    ManifestError,
+    read_manifest,
+    snapshot_secret,
+    write_manifest,
+)
+from symram_vllm.tiers.aligned_io import AlignedBuffer, PosixFileIO
+from symram_vllm.tiers.disk_housekeeping import DirectoryLock, DiskTierLocked
+from symram_vllm.tiers.disk_layout import (
+    MANIFEST_NAME,
+    entry_of,
+    key_from_name,
+    read_header,
+    relative_page_path,
+    walk_pages,
+)
+from symram_vllm.tiers.page_format import HEADER_BYTES, PageCorrupt
 
 SNAPSHOT_FORMAT = "symram-disk-snapshot"
+_TIER_DIR = re.compile(r"^rank\d+(\.\d+)?$")
+_SIGNATURE_DIR = re.compile(r"^[0-9a-f]{16}$")
 
 
 class SnapshotError(RuntimeError):
@@ -47,95 +75,137 @@ def tier_roots(disk_path: Path) -> list[Path]:
     return roots
 
 
-def snapshot(disk_path: Path, out: Path | None = None) -> tuple[Path, int]:
-    """Write a manifest of every page under `disk_path`. Returns (path, entries)."""
-    from symram_vllm.tiers.disk import DiskTier, DiskTierConfig, DiskTierLocked
-    from symram_vllm.tiers.disk_layout import PAGE_SUFFIX
+def _locked(root: Path, doing: str) -> DirectoryLock:
+    """Hold `root`'s tier lock: proof that no engine is using it right now."""
+    try:
+        return DirectoryLock(root)
+    except DiskTierLocked as exc:
+        raise SnapshotError(f"{exc}. Stop the engine first, before {doing} (it flushes "
+                            "DRAM to disk on the way out).") from exc
 
+
+def snapshot(
+    disk_path: Path, out: Path | None = None, *, secret: bytes | None = None
+) -> tuple[Path, int]:
+    """Write a manifest of every page under `disk_path`, signed with `secret` (default:
+    $SYMRAM_SNAPSHOT_KEY) when there is one. Returns (path, entries). Read-only: a page
+    whose header does not check is left out, not moved."""
     disk_path = Path(disk_path)
+    secret = secret if secret is not None else snapshot_secret()
     entries: list[ManifestEntry] = []
-    config = DiskTierConfig(manifest=False)  # read-only use: leave start-up manifests alone
+    io, header_buf = PosixFileIO(False), AlignedBuffer(HEADER_BYTES)
     for root in tier_roots(disk_path):
-        try:
-            tier = DiskTier(root, _budget(root), config=config)
-        except DiskTierLocked as exc:
-            raise SnapshotError(
-                f"{exc}. Stop the engine first (it flushes DRAM to disk on the way out)."
-            ) from exc
+        lock = _locked(root, "taking a snapshot")
         try:
             prefix = root.relative_to(disk_path) / "pages"
-            for key, entry in tier.index_snapshot():
-                rel = f"{key.chain[:1].hex()}/{key.hex}{PAGE_SUFFIX}"
-                entries.append(
-                    ManifestEntry(
-                        key=key.hex, tier="disk", file=f"{prefix}/{rel}",
-                        length=entry.payload_len, checksum=f"crc32:{entry.checksum:08x}",
-                        codec=entry.codec, position=entry.position, file_bytes=entry.file_bytes,
-                    )
-                )
+            found, _temps, _foreign = walk_pages(root / "pages")
+            for f in sorted(found, key=lambda f: f.mtime):  # least recently written first
+                key = key_from_name(f.path.name)
+                if key is None:
+                    continue
+                try:
+                    entry = entry_of(read_header(f, key, io, header_buf))
+                except (PageCorrupt, OSError):
+                    continue
+                entries.append(ManifestEntry(
+                    key=key.hex, tier="disk", file=f"{prefix}/{f.rel}",
+                    length=entry.payload_len, checksum=f"crc32:{entry.checksum:08x}",
+                    codec=entry.codec, position=entry.position, file_bytes=entry.file_bytes,
+                ))
         finally:
-            tier.close()
+            lock.release()
     out = Path(out) if out else disk_path / f"snapshot-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
     write_manifest(
         out, entries,
         meta={"kind": SNAPSHOT_FORMAT, "disk_path": str(disk_path.resolve()),
-              "created": time.time()},
+              "created": time.time(), "signed": secret is not None},
+        secret=secret,
     )
     return out, len(entries)
 
 
-def _budget(root: Path) -> int:
-    from symram_vllm.tiers.disk_layout import PAGE_SUFFIX
+def _read_snapshot(manifest_path: Path, secret: bytes | None) -> Manifest:
+    try:
+        return read_manifest(manifest_path, secret=secret)
+    except ManifestError as exc:
+        if exc.index == 0 and "does not match its hash" in exc.reason:
+            hint = (
+                "it is not signed with this snapshot key (unsigned, or signed with "
+                "another key)" if secret is not None else
+                f"it may be signed with a snapshot key: set ${SNAPSHOT_KEY_ENV} or pass "
+                "--key-file"
+            )
+            raise ManifestError(exc.path, 0, "", f"{exc.reason}; {hint}") from exc
+        raise
 
-    # Large enough never to evict what is there: a snapshot must not delete pages.
-    used = sum(p.stat().st_size for p in (root / "pages").rglob(f"*{PAGE_SUFFIX}"))
-    return max(used * 2, 1 << 30)
+
+def _tier_of(entry: ManifestEntry, disk_root: Path) -> tuple[Path, Path]:
+    """(tier root, page path) of an entry, both resolved and inside `disk_root`.
+    Raises SnapshotError for anything else: an absolute or escaping path, a symlink
+    out, a name that is not the entry's key."""
+    parts = Path(entry.file).parts
+    odd = SnapshotError(
+        f"entry for {entry.key} names the file {entry.file!r}, which is not a page path "
+        "inside the disk path (<signature>/rank<r>/pages/<xx>/<key>.page); refusing the "
+        "whole manifest"
+    )
+    if (len(parts) != 5 or Path(entry.file).is_absolute() or parts[2] != "pages"
+            or not _SIGNATURE_DIR.match(parts[0]) or not _TIER_DIR.match(parts[1])):
+        raise odd
+    try:
+        key = BlockKey.from_hex(entry.key)
+    except ValueError:
+        raise odd from None
+    if "/".join(parts[3:]) != relative_page_path(key):
+        raise odd
+    root = (disk_root / parts[0] / parts[1]).resolve()
+    page = (disk_root / entry.file).resolve()
+    if not (root.is_relative_to(disk_root) and page.is_relative_to(root / "pages")):
+        raise odd
+    return root, page
 
 
-def restore(manifest_path: Path, disk_path: Path) -> dict[str, int]:
+def restore(
+    manifest_path: Path, disk_path: Path, *, secret: bytes | None = None
+) -> dict[str, int]:
     """Verify a snapshot and install it as the start-up manifest of each tier.
 
-    Raises ManifestError (tampered or truncated chain) or SnapshotError."""
-    from symram_vllm.tiers.disk import DiskTier, DiskTierConfig, DiskTierLocked
-    from symram_vllm.tiers.disk_layout import MANIFEST_NAME
-
-    manifest = read_manifest(manifest_path)
+    With a snapshot key (`secret`, default $SYMRAM_SNAPSHOT_KEY) only a manifest signed
+    with it is accepted, and the installed manifests are signed with it (the engine
+    reads them with the same key). Raises ManifestError (tampered, truncated or
+    unsigned chain) or SnapshotError (a path outside the disk path, a running engine)."""
+    secret = secret if secret is not None else snapshot_secret()
+    manifest = _read_snapshot(manifest_path, secret)
     if manifest.meta.get("kind") != SNAPSHOT_FORMAT:
         raise SnapshotError(
             f"{manifest_path} is a symram manifest but not a disk snapshot "
             f"(kind {manifest.meta.get('kind')!r}); make one with `symram snapshot`"
         )
-    disk_path = Path(disk_path)
+    disk_root = Path(disk_path).resolve()
+    if not disk_root.is_dir():
+        raise SnapshotError(f"{disk_path} is not a directory; pass the engine's disk_path")
+    located = [(entry, *_tier_of(entry, disk_root)) for entry in manifest.entries]
     counts = {"verified": 0, "missing": 0, "changed": 0}
     per_root: dict[Path, list[ManifestEntry]] = {}
-    for entry in tqdm(manifest.entries, desc="verifying pages", unit="page",
-                      disable=len(manifest.entries) < 2000):
-        parts = Path(entry.file).parts
-        if len(parts) < 5 or parts[2] != "pages" or ".." in parts:
-            raise SnapshotError(f"entry for {entry.key} names an odd file {entry.file!r}")
-        root = disk_path / parts[0] / parts[1]
-        page = disk_path / entry.file
-        status = _check_page(page, entry)
+    for entry, root, page in tqdm(located, desc="verifying pages", unit="page",
+                                  disable=len(located) < 2000):
+        status = _check_page(page, entry) if (root / "pages").is_dir() else "missing"
         counts[status] += 1
         if status == "verified":
-            per_root.setdefault(root, []).append(
-                replace(entry, file=str(Path(*parts[3:])))
-            )
+            rel = str(Path(*Path(entry.file).parts[3:]))
+            per_root.setdefault(root, []).append(replace(entry, file=rel))
     for root, entries in per_root.items():
+        lock = _locked(root, "restoring")
         try:
-            # Holding the lock proves no engine is running on this tier right now.
-            tier_lock = DiskTier(root, _budget(root), config=DiskTierConfig(manifest=False))
-        except DiskTierLocked as exc:
-            raise SnapshotError(f"{exc}. Stop the engine before restoring.") from exc
-        try:
-            write_manifest(root / MANIFEST_NAME, entries, meta={"tier": "disk", "root": str(root)})
+            write_manifest(root / MANIFEST_NAME, entries,
+                           meta={"tier": "disk", "root": str(root)}, secret=secret)
         finally:
-            tier_lock.close()
+            lock.release()
     return counts
 
 
 def _check_page(page: Path, entry: ManifestEntry) -> str:
-    from symram_vllm.tiers.page_format import HEADER_BYTES, PageCorrupt, unpack_header
+    from symram_vllm.tiers.page_format import unpack_header
 
     try:
         with open(page, "rb") as f:
@@ -156,19 +226,32 @@ def _check_page(page: Path, entry: ManifestEntry) -> str:
     return "verified" if same else "changed"
 
 
+def _key_file(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        key = path.read_bytes().strip()
+    except OSError as exc:
+        raise SnapshotError(f"cannot read the snapshot key file {path}: {exc}") from exc
+    if not key:
+        raise SnapshotError(f"the snapshot key file {path} is empty")
+    return key
+
+
 def _cmd_snapshot(args: argparse.Namespace) -> int:
     try:
-        path, count = snapshot(args.disk_path, args.out)
+        path, count = snapshot(args.disk_path, args.out, secret=_key_file(args.key_file))
     except SnapshotError as exc:
         print(f"symram snapshot: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {path}: {count} pages")
+    signed = args.key_file is not None or snapshot_secret() is not None
+    print(f"wrote {path}: {count} pages" + (" (signed with the snapshot key)" if signed else ""))
     return 0
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:
     try:
-        counts = restore(args.manifest, args.disk_path)
+        counts = restore(args.manifest, args.disk_path, secret=_key_file(args.key_file))
     except ManifestError as exc:
         print(f"symram restore: refusing {args.manifest}: {exc}", file=sys.stderr)
         return 1
@@ -191,6 +274,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     )
     snap.add_argument("--disk-path", type=Path, required=True, help="the engine's disk_path")
     snap.add_argument("--out", type=Path, help="manifest file (default DISK_PATH/snapshot-*.jsonl)")
+    snap.add_argument("--key-file", type=Path,
+                      help=f"sign with the key in this file (default: ${SNAPSHOT_KEY_ENV})")
     snap.set_defaults(func=_cmd_snapshot)
     rest = sub.add_parser(
         "restore",
@@ -201,4 +286,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     )
     rest.add_argument("manifest", type=Path, help="a file written by `symram snapshot`")
     rest.add_argument("--disk-path", type=Path, required=True, help="the engine's disk_path")
+    rest.add_argument("--key-file", type=Path,
+                      help="accept only manifests signed with the key in this file "
+                      f"(default: ${SNAPSHOT_KEY_ENV})")
     rest.set_defaults(func=_cmd_restore)

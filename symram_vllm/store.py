@@ -24,6 +24,7 @@ from symram_vllm.keys import BlockKey
 from symram_vllm.policy import PolicyConfig
 from symram_vllm.tiers.disk import DiskTier
 from symram_vllm.tiers.dram import DramTier
+from symram_vllm.tiers.events import TierEvent, TierName, TierOp
 from symram_vllm.tiers.stack import RemoteTier, TierStack
 
 if TYPE_CHECKING:
@@ -42,6 +43,17 @@ class StoreEvents:
 
     def __bool__(self) -> bool:
         return any(self.__dict__.values())
+
+    def tier_events(self, rank: int) -> list[TierEvent]:
+        """The same facts as typed events, for the scheduler (see tiers/events.py)."""
+        pairs: list[tuple[list[bytes], TierName, TierOp]] = [
+            (self.stored, "local", "stored"), (self.removed, "local", "removed"),
+            (self.disk_stored, "disk", "stored"), (self.disk_removed, "disk", "removed"),
+            (self.redis_stored, "redis", "stored"), (self.redis_removed, "redis", "removed"),
+        ]
+        # Removals first: a key removed and stored again in one step ends up stored.
+        order = [p for p in pairs if p[2] == "removed"] + [p for p in pairs if p[2] == "stored"]
+        return [TierEvent(tier, op, tuple(keys), rank) for keys, tier, op in order if keys]
 
 
 @dataclass

@@ -91,7 +91,8 @@ def test_unknown_symram_variables_warn_with_a_suggestion(monkeypatch, caplog):
     monkeypatch.setenv("SYMRAM_DRAM_BYTE", "1GiB")
     monkeypatch.setenv("SYMRAM_DIRECTORY", "redis://h:6379/0")
     monkeypatch.setenv("SYMRAM_GATEWAY_PORT", "9000")  # the gateway's: not ours to judge
-    monkeypatch.setenv("SYMRAM_SNAPSHOT_KEY", "k")  # read by the disk tier
+    monkeypatch.setenv("SYMRAM_SNAPSHOT_KEY", "k")  # read by the snapshot tools
+    monkeypatch.setenv("SYMRAM_ENCRYPTION_KEY", "k")  # read by the page sealing
     with caplog.at_level(logging.WARNING, logger="symram.config"):
         load_config()
     text = caplog.text
@@ -99,6 +100,7 @@ def test_unknown_symram_variables_warn_with_a_suggestion(monkeypatch, caplog):
     assert "did you mean SYMRAM_DRAM_BYTES?" in text
     assert "did you mean SYMRAM_DIRECTORY_URL?" in text
     assert "SYMRAM_GATEWAY_PORT" not in text and "SYMRAM_SNAPSHOT_KEY" not in text
+    assert "SYMRAM_ENCRYPTION_KEY" not in text
 
 
 def test_unknown_name_inside_a_section_is_an_error_naming_the_variable(monkeypatch):

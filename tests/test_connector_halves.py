@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import torch
 
 from symram_vllm.config import SymramConfig
-from symram_vllm.connectors.metadata import SymramWorkerMetadata
 from symram_vllm.connectors.scheduler import SchedulerSide
 from symram_vllm.connectors.worker import WorkerSide
+from tests.meta_helpers import worker_meta
 
 BS = 32
 SIG = b"\x07" * 32
@@ -65,7 +65,7 @@ def test_prefill_saves_full_blocks_only_and_never_claims_the_last_token():
     assert [job.block_ids for job in meta.saves] == [[5, 6, 7]]
     keys = meta.saves[0].keys
     assert side.request_finished(req) is True  # blocks held until the worker is done
-    side.update_connector_output(SymramWorkerMetadata(stored=keys, processed=keys))
+    side.update_connector_output(worker_meta(stored=keys, processed=keys))
     assert side.build_connector_meta(sched_output()).delayed_free == ["a-1"]
 
     # Same prompt again: 3 blocks held, all loadable because a 4th partial block remains.
@@ -86,7 +86,7 @@ def test_load_job_targets_blocks_after_local_hits():
         sched_output(new=[("a-1", 0)], scheduled={"a-1": 3 * BS + 1})
     )
     keys = meta.saves[0].keys
-    side.update_connector_output(SymramWorkerMetadata(stored=keys, processed=keys))
+    side.update_connector_output(worker_meta(stored=keys, processed=keys))
     req = FakeRequest("a-9", 3 * BS + 1)
     n, is_async = side.get_num_new_matched_tokens(req, BS)
     assert (n, is_async) == (2 * BS, True)
@@ -105,7 +105,7 @@ def test_removed_keys_stop_matching_and_inflight_saves_are_not_duplicated():
     # Both requests share the prefix: each chain key is saved once.
     assert sum(len(j.keys) for j in meta.saves) == 2
     keys = [k for j in meta.saves for k in j.keys]
-    side.update_connector_output(SymramWorkerMetadata(stored=keys, processed=keys))
+    side.update_connector_output(worker_meta(stored=keys, processed=keys))
     probe = FakeRequest("a-7", 2 * BS + 1)
     assert side.get_num_new_matched_tokens(probe, 0) == (2 * BS, True)
     from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash as external
@@ -116,17 +116,41 @@ def test_removed_keys_stop_matching_and_inflight_saves_are_not_duplicated():
     assert [e.block_hashes for e in stored] == [[h0], [h1]]
     assert stored[1].parent_block_hash == h0
     assert stored[1].token_ids == list(range(BS, 2 * BS)) and stored[0].medium == "CPU"
-    side.update_connector_output(SymramWorkerMetadata(removed=keys[1:]))
+    side.update_connector_output(worker_meta(removed=keys[1:]))
     assert side.get_num_new_matched_tokens(probe, 0) == (BS, True)
     removed = side.events.take()
     assert len(removed) == 1 and removed[0].block_hashes == [h1]
 
 
-def test_tp_aggregation_requires_every_rank():
-    a = SymramWorkerMetadata(stored=[b"x", b"y"], removed=[b"r"], processed=[b"x"])
-    b = SymramWorkerMetadata(stored=[b"y"], removed=[b"s"], processed=[b"y"])
+def test_tp_aggregation_keeps_every_rank_report():
+    a = worker_meta(rank=0, stored=[b"x", b"y"], removed=[b"r"], processed=[b"x"])
+    b = worker_meta(rank=1, stored=[b"y"], removed=[b"s"], processed=[b"y"])
     merged = a.aggregate(b)
-    assert merged.stored == [b"y"] and set(merged.removed) == {b"r", b"s"}
+    # No intersection within a step: ranks report the same block in different steps.
+    assert merged.keys("local", "stored") == [b"x", b"y", b"y"]
+    assert set(merged.keys("local", "removed")) == {b"r", b"s"}
+    assert set(merged.processed) == {b"x", b"y"}
+
+
+def test_tp_store_completes_when_every_rank_reported_in_any_step():
+    table = {"a-1": [5, 6, 7, 8]}
+    side = SchedulerSide(SIG, BS, SymramConfig(), tp_size=2)
+    side.kv_cache_manager = SimpleNamespace(get_block_ids=lambda rid: (table[rid],))
+    req = FakeRequest("a-1", 3 * BS + 1)
+    side.get_num_new_matched_tokens(req, 0)
+    keys = side._state(req).keys
+    # Step 1: only rank 0 has finished its shards (rank 1 sent nothing: vLLM skips it).
+    side.update_connector_output(worker_meta(rank=0, stored=keys, processed=keys))
+    assert side.get_num_new_matched_tokens(FakeRequest("a-2", 3 * BS + 1), 0) == (0, False)
+    # Step 2: rank 1 reports two of them; step 3: rank 0 reports one again (a save that
+    # found it held) and must not complete the third alone.
+    side.update_connector_output(worker_meta(rank=1, stored=keys[:2]))
+    side.update_connector_output(worker_meta(rank=0, stored=keys[2:]))
+    assert side.get_num_new_matched_tokens(FakeRequest("a-3", 3 * BS + 1), 0) == (2 * BS, True)
+    # A removal on either rank removes at once and forgets the partial report.
+    side.update_connector_output(worker_meta(rank=1, removed=keys[1:2]))
+    side.update_connector_output(worker_meta(rank=1, stored=keys[2:]))
+    assert side.get_num_new_matched_tokens(FakeRequest("a-4", 3 * BS + 1), 0) == (BS, True)
 
 
 def kv_caches(seed: int):
@@ -156,7 +180,7 @@ def test_worker_save_then_load_is_bit_exact_and_reports_misses():
     worker.submit_saves(SymramConnectorMetadata(saves=[BlockJob("r1", [1, 2, 3], keys)]))
     drain(worker)
     meta = worker.build_worker_meta()
-    assert meta.stored == keys and meta.processed == keys
+    assert meta.keys("local", "stored") == keys and meta.processed == keys
     expected = {name: t[[1, 2, 3]].clone() for name, t in kv.items()}
     for t in kv.values():
         t[[5, 6, 7]] = 0
@@ -187,7 +211,7 @@ def test_worker_never_stores_a_page_with_inf_or_nan_under_a_quantizing_codec():
     worker.submit_saves(SymramConnectorMetadata(saves=[BlockJob("r1", [1, 2, 3], keys)]))
     drain(worker)
     meta = worker.build_worker_meta()
-    assert meta.stored == keys[:1] and meta.processed == keys
+    assert meta.keys("local", "stored") == keys[:1] and meta.processed == keys
     counters, gauges = worker.take_counters()
     assert counters["saved_blocks"] == 1 and counters["nonfinite_pages"] == 2
     assert gauges["dram_pages"] == 1

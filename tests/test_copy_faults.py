@@ -62,14 +62,14 @@ def test_a_save_that_raises_publishes_nothing_and_frees_its_rows(codec):
     save(worker, "w", [1, 2, 3])
     meta = worker.build_worker_meta()
     # The keys are processed (the scheduler stops waiting) but none is stored.
-    assert meta is not None and meta.processed == KEYS and meta.stored == []
+    assert meta is not None and meta.processed == KEYS and meta.keys("local", "stored") == []
     assert worker.store.dram.free_slots() == free_before
     assert not any(worker.store.contains(k) for k in worker_keys(worker))
     counters, _ = worker.take_counters()
     assert counters["save_job_errors"] == 1 and counters.get("saved_blocks", 0) == 0
     # The next save of the same blocks works: nothing was left reserved.
     save(worker, "w2", [1, 2, 3])
-    assert worker.build_worker_meta().stored == KEYS
+    assert worker.build_worker_meta().keys("local", "stored") == KEYS
 
 
 def worker_keys(worker: WorkerSide):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from at_rest import MODES, cipher_for, set_mode_env
 
 from symram_vllm import capability
 from symram_vllm.capability import Capability
@@ -21,12 +22,21 @@ from symram_vllm.tiers.aligned_io import (
     open_file_io,
     probe_direct_io,
 )
+from symram_vllm.tiers.crypto import PageCipher
 from symram_vllm.tiers.disk import DiskTier, DiskTierConfig, DiskTierLocked
 from symram_vllm.tiers.disk_layout import MANIFEST_NAME, rebuild_index
-from symram_vllm.tiers.page_format import HEADER_BYTES, checksum, unpack_header
+from symram_vllm.tiers.page_format import HEADER_BYTES, checksum, tag_crc, unpack_header
 
 PAGE = 64 * 1024
 FILE = HEADER_BYTES + PAGE
+CIPHER: PageCipher | None = None  # set per test by `at_rest`: plaintext or sealed pages
+
+
+@pytest.fixture(autouse=True, params=MODES)
+def at_rest(request, monkeypatch) -> str:
+    monkeypatch.setattr(sys.modules[__name__], "CIPHER", cipher_for(request.param))
+    set_mode_env(monkeypatch, request.param)
+    return request.param
 
 
 def key(i: int) -> BlockKey:
@@ -38,7 +48,7 @@ def page(i: int, size: int = PAGE) -> torch.Tensor:
 
 
 def make(path: Path, pages: int = 8, **cfg) -> DiskTier:
-    return DiskTier(path, pages * FILE, config=DiskTierConfig(**cfg))
+    return DiskTier(path, pages * FILE, config=DiskTierConfig(**cfg), cipher=CIPHER)
 
 
 class GatedIO(PosixFileIO):
@@ -99,7 +109,14 @@ def test_page_file_layout_and_header(tmp_path):
     header = unpack_header(raw[:HEADER_BYTES])
     assert header.key == key(7).for_rank(3)
     assert (header.codec, header.position, header.payload_len) == ("int8+zstd", 42, 10_000)
-    assert header.payload_crc == checksum(raw[HEADER_BYTES : HEADER_BYTES + 10_000])
+    stored = raw[HEADER_BYTES : HEADER_BYTES + 10_000]
+    if CIPHER is None:
+        assert header.seal is None and header.payload_crc == checksum(stored)
+        assert stored == page(7, 10_000).numpy().tobytes()
+    else:
+        assert header.seal.key_id == CIPHER.key_id and len(header.seal.nonce) == 12
+        assert header.payload_crc == tag_crc(header.seal.tag)
+        assert stored != page(7, 10_000).numpy().tobytes()  # ciphertext
     assert set(raw[HEADER_BYTES + 10_000 :]) == {0}  # padding is zeroed
     tier.close()
 
@@ -141,7 +158,7 @@ def test_page_larger_than_budget_is_declined_without_evicting(tmp_path):
 
 def test_pins_protect_pages_and_expire(tmp_path):
     now = [0.0]
-    tier = DiskTier(tmp_path, 2 * FILE, clock=lambda: now[0])
+    tier = DiskTier(tmp_path, 2 * FILE, clock=lambda: now[0], cipher=CIPHER)
     tier.set(key(0), page(0))
     tier.set(key(1), page(1))
     assert tier.pin(key(0), ttl_s=10) and not tier.pin(key(9))
@@ -174,7 +191,7 @@ def test_victim_chooser_sees_lru_window(tmp_path):
 def test_async_writes_queue_drop_and_never_block_reads(tmp_path):
     io = GatedIO()
     tier = DiskTier(
-        tmp_path, 16 * FILE, file_io=io,
+        tmp_path, 16 * FILE, file_io=io, cipher=CIPHER,
         config=DiskTierConfig(write_workers=1, write_queue=1, when_queue_full="drop"),
     )
     io.gate.set()
@@ -208,7 +225,8 @@ def test_async_writes_queue_drop_and_never_block_reads(tmp_path):
 def test_block_mode_applies_back_pressure(tmp_path):
     io = GatedIO()
     tier = DiskTier(
-        tmp_path, 16 * FILE, file_io=io, config=DiskTierConfig(write_workers=1, write_queue=0)
+        tmp_path, 16 * FILE, file_io=io, cipher=CIPHER,
+        config=DiskTierConfig(write_workers=1, write_queue=0),
     )
     tier.set_async(key(0), page(0))
     assert io.writing.wait(5)
@@ -227,7 +245,7 @@ def test_block_mode_applies_back_pressure(tmp_path):
 
 def test_delete_cancels_a_pending_write(tmp_path):
     io = GatedIO()
-    tier = DiskTier(tmp_path, 16 * FILE, file_io=io)
+    tier = DiskTier(tmp_path, 16 * FILE, file_io=io, cipher=CIPHER)
     fut = tier.set_async(key(0), page(0))
     assert io.writing.wait(5)
     assert tier.delete(key(0))
@@ -372,7 +390,7 @@ def test_scan_progress_bar_for_many_pages(tmp_path, capsys):
     tier = make(tmp_path, manifest=False)
     for i in range(3):
         tier.set(key(i), page(i, 100))
-    report = rebuild_index(tmp_path / "pages", tier.io, {}, progress_min_files=2)
+    report = rebuild_index(tmp_path / "pages", tier.io, {}, progress_min_files=2, cipher=CIPHER)
     assert len(report.entries) == 3
     assert "symram disk index" in capsys.readouterr().err
     rebuild_index(tmp_path / "pages", tier.io, {}, progress_min_files=10)

@@ -1,9 +1,11 @@
 """KV sharing across engine instances, without an engine: the worker halves of two
 "engines" over one disk_path or one Redis page tier, and the scheduler halves over one
-real redis-server directory (no fakes for Redis)."""
+real redis-server directory (no fakes for Redis). Every test runs with plaintext pages
+and with encryption required (pages sealed with AES-256-GCM, tests/at_rest.py)."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 import torch
+from at_rest import MASTER_KEY, MODES
 from test_connector_halves import BS, SIG, FakeBlocks, FakeRequest, kv_caches, sched_output
 
 from symram_vllm.config import SymramConfig
@@ -22,11 +25,22 @@ from symram_vllm.directory import EmbeddedDirectory, make_directory
 from symram_vllm.directory.redis_keys import RedisKeys, namespace_for
 from symram_vllm.keys import BlockKey
 from symram_vllm.tiers.disk_layout import rank_slot_directories, slot_directory, store_id
+from tests.meta_helpers import worker_meta
 
 pytestmark = pytest.mark.timeout(120)
 
 PAGE = 2 * 2 * BS * 64 * 2  # kv_caches(): 2 layers x 2 heads x BS tokens x 64 x bf16
 KEYS = [bytes([i + 1]) * 32 for i in range(4)]
+AT_REST: dict[str, str] = {}  # config for the test's mode, set by `at_rest`
+
+
+@pytest.fixture(autouse=True, params=MODES)
+def at_rest(request, monkeypatch) -> str:
+    sealed = {"encryption": "required", "encryption_key": MASTER_KEY.hex()}
+    monkeypatch.setattr(
+        sys.modules[__name__], "AT_REST", sealed if request.param == "sealed" else {}
+    )
+    return request.param
 
 
 def drain(worker: WorkerSide) -> set[str]:
@@ -62,7 +76,8 @@ def load(side: WorkerSide, req: str, block_ids: list[int], keys: list[bytes]) ->
 def disk_config(path: Path, **kw) -> SymramConfig:
     return SymramConfig(
         dram_bytes=16 * PAGE, disk_path=path, disk_bytes=64 * PAGE,
-        policy={"write_policy": "write_through_selective", "write_through_hits": 0}, **kw,
+        policy={"write_policy": "write_through_selective", "write_through_hits": 0},
+        **{**AT_REST, **kw},
     )
 
 
@@ -87,7 +102,7 @@ def test_second_engine_on_a_disk_path_takes_its_own_slot_and_reads_the_first(tmp
         assert gauges["peer_disk_slots"] == 1
         # Promoted into B's DRAM: reported as held by B, but not copied to B's slot,
         # not even by a flush (A's slot of the shared disk has them).
-        assert set(KEYS[:3]) <= set(b.build_worker_meta().stored)
+        assert set(KEYS[:3]) <= set(b.build_worker_meta().keys("local", "stored"))
         b.store.flush()
         b.store.stack.write_back_idle()
         assert not list((b.store.disk.root / "pages").rglob("*.page"))
@@ -104,9 +119,9 @@ def test_second_engine_on_a_disk_path_takes_its_own_slot_and_reads_the_first(tmp
 
 
 def save_meta_disk(side: WorkerSide, meta: SymramWorkerMetadata) -> list[bytes]:
-    keys = list(meta.disk_stored)
+    keys = list(meta.keys("disk", "stored"))
     more = side.build_worker_meta()
-    return keys + (list(more.disk_stored) if more else [])
+    return keys + (list(more.keys("disk", "stored")) if more else [])
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
@@ -193,14 +208,14 @@ def test_seed_counts_every_slot_of_a_shared_disk_path(tmp_path):
         b.shutdown()
     side = SchedulerSide(SIG, BS, SymramConfig(disk_path=tmp_path), disk_tier="disk.x")
     assert side.seed_from_disk(1) == 2
-    assert side.directory.tiers_of(KEYS[1]) == {"disk.x"}
+    assert side.directory.tiers_local(KEYS[1:2]) == [frozenset({"disk.x"})]
     private = SchedulerSide(SIG, BS, SymramConfig(disk_path=tmp_path, disk_share=False))
     assert private.seed_from_disk(1) == 1
 
 
 # -- Redis page tier -------------------------------------------------------------------------
 def redis_config(url: str, **kw) -> SymramConfig:
-    kw = {"dram_bytes": 16 * PAGE, "redis_pages_bytes": 64 * PAGE, **kw}
+    kw = {"dram_bytes": 16 * PAGE, "redis_pages_bytes": 64 * PAGE, **AT_REST, **kw}
     return SymramConfig(directory_url=url, **kw)
 
 
@@ -215,7 +230,7 @@ def test_redis_page_tier_written_on_save_read_on_a_miss(redis_server):
     b = worker(redis_config(redis_server.url), kv_b)
     try:
         first = save(a, [1, 2, 3], KEYS[:3])
-        written = list(first.redis_stored) + list(settle(a).redis_stored)
+        written = list(first.keys("redis", "stored")) + list(settle(a).keys("redis", "stored"))
         assert sorted(written) == sorted(KEYS[:3])
         assert load(b, "r", [4, 5, 6], KEYS[:3]) == set()
         for name in kv_a:
@@ -240,7 +255,7 @@ def test_redis_budget_evictions_are_reported(redis_server):
     try:
         meta = save(a, [1, 2, 3], KEYS[:3])
         meta2 = settle(a)
-        removed = list(meta.redis_removed) + list(meta2.redis_removed)
+        removed = meta.keys("redis", "removed") + meta2.keys("redis", "removed")
         assert removed == [KEYS[0]]
         counters, _ = a.take_counters()
         assert counters["redis_pages_evicted"] == 1 and counters["redis_pages_written"] == 3
@@ -293,6 +308,17 @@ class Tally:
         return counted
 
 
+def ask(side: SchedulerSide, request: FakeRequest, computed: int = 0):
+    """get_num_new_matched_tokens as vLLM drives it: a fleet lookup is answered at a
+    later step (the first call says "ask again"), after the directory's batch went."""
+    side.directory.flush()  # what earlier steps queued is in Redis
+    answer = side.get_num_new_matched_tokens(request, computed)
+    if answer[0] is None:
+        assert side.directory.flush()
+        answer = side.get_num_new_matched_tokens(request, computed)
+    return answer
+
+
 def scheduler(url: str, instance: str, shared: frozenset[str], table: dict) -> SchedulerSide:
     directory = make_directory(url, namespace=SIG, instance_id=instance, shared_tiers=shared)
     side = SchedulerSide(SIG, BS, SymramConfig(), directory=directory, page_bytes=PAGE,
@@ -311,29 +337,35 @@ def test_other_instances_blocks_count_only_in_shared_tiers(redis_server):
     a._state(req)
     meta = a.build_connector_meta(sched_output(new=[("p-1", 0)], scheduled={"p-1": 3 * BS + 5}))
     keys = meta.saves[0].keys
-    # One batched tier query and one dedupe record for the request's step.
-    assert a.directory.calls.get("tiers_of_many") == 1 and "tiers_of" not in a.directory.calls
-    a.update_connector_output(SymramWorkerMetadata(stored=keys, processed=keys))
+    # One in-process held query and one dedupe record for the request's step.
+    assert a.directory.calls.get("held_local") == 1 and a.directory.calls["end_step"] == 1
+    a.update_connector_output(worker_meta(stored=keys, processed=keys))
+    a.directory.flush()
     other = FakeRequest("p-2", 3 * BS + 5)
     # Only in A's DRAM: private to A.
-    assert b.get_num_new_matched_tokens(other, 0) == (0, False)
-    a.update_connector_output(SymramWorkerMetadata(redis_stored=keys[:2]))
-    assert b.get_num_new_matched_tokens(other, 0) == (2 * BS, True)
-    assert loner.get_num_new_matched_tokens(other, 0) == (0, False)
+    assert ask(b, other) == (0, False)
+    a.update_connector_output(worker_meta(redis_stored=keys[:2]))
+    a.directory.flush()
+    assert ask(b, other) == (2 * BS, True)
+    assert ask(loner, other) == (0, False)
     # The promised load is leased until it finishes.
     r = redis.Redis.from_url(url)
     lease = RedisKeys(namespace_for(SIG)).lease(keys[0])
     assert r.hget(lease, "b") == b"1"
     b.update_state_after_alloc(other, FakeBlocks([9, 8, 7, 6]), 2 * BS)
     b.update_connector_output(None, {"p-2"})
+    b.directory.flush()
+    b.directory.flush()
     assert not r.exists(lease)
     # A Redis eviction reported by any engine removes the block for everyone.
-    a.update_connector_output(SymramWorkerMetadata(redis_removed=keys[1:2]))
-    assert b.get_num_new_matched_tokens(FakeRequest("p-3", 3 * BS + 5), 0) == (BS, True)
+    a.update_connector_output(worker_meta(redis_removed=keys[1:2]))
+    a.directory.flush()
+    assert ask(b, FakeRequest("p-3", 3 * BS + 5)) == (BS, True)
     # A load that found nothing makes the directory forget the location that misled it.
-    b.update_connector_output(SymramWorkerMetadata(load_failed=keys[:1]))
-    assert b.get_num_new_matched_tokens(FakeRequest("p-4", 3 * BS + 5), 0) == (0, False)
-    assert a.get_num_new_matched_tokens(FakeRequest("p-5", 3 * BS + 5), 0) == (3 * BS, True)
+    b.update_connector_output(worker_meta(load_failed=keys[:1]))
+    b.directory.flush()
+    assert ask(b, FakeRequest("p-4", 3 * BS + 5)) == (0, False)
+    assert ask(a, FakeRequest("p-5", 3 * BS + 5)) == (3 * BS, True)
 
 
 def test_disk_locations_removed_per_instance_and_dedupe_is_fleet_wide(redis_server):
@@ -347,18 +379,23 @@ def test_disk_locations_removed_per_instance_and_dedupe_is_fleet_wide(redis_serv
     mb = b.build_connector_meta(sched_output(new=[("p-2", 0)], scheduled={"p-2": 3 * BS + 1}))
     keys = ma.saves[0].keys
     assert mb.saves[0].keys == keys  # both computed it before either stored it
-    a.update_connector_output(SymramWorkerMetadata(disk_stored=keys, processed=keys))
-    b.update_connector_output(SymramWorkerMetadata(disk_stored=keys, processed=keys))
+    a.update_connector_output(worker_meta(disk_stored=keys, processed=keys))
+    a.directory.flush()
+    b.update_connector_output(worker_meta(disk_stored=keys, processed=keys))
+    b.directory.flush()
     # Same prompt, two engines, 3 blocks: stored once as far as dedupe is concerned.
+    assert a.directory.flush()  # a batch after both engines' writes reads the counters
     d = a.directory.dedupe()
     assert (d.logical_blocks, d.physical_blocks) == (6, 3)
     assert d.physical_bytes == 3 * PAGE
     # A evicts its copy: B's copy in its own slot still serves everyone.
-    a.update_connector_output(SymramWorkerMetadata(disk_removed=keys))
+    a.update_connector_output(worker_meta(disk_removed=keys))
+    a.directory.flush()
     probe = FakeRequest("p-3", 3 * BS + 1)
-    assert a.get_num_new_matched_tokens(probe, 0) == (3 * BS, True)
-    b.update_connector_output(SymramWorkerMetadata(removed=keys))
-    assert a.get_num_new_matched_tokens(FakeRequest("p-4", 3 * BS + 1), 0) == (0, False)
+    assert ask(a, probe) == (3 * BS, True)
+    b.update_connector_output(worker_meta(removed=keys))
+    b.directory.flush()
+    assert ask(a, FakeRequest("p-4", 3 * BS + 1)) == (0, False)
     _, gauges = a.take_stats()
     assert gauges["dedupe_physical_bytes"] == 3 * PAGE and gauges["dedupe_ratio"] == 2.0
     assert gauges["directory_available"] == 1.0
@@ -370,7 +407,7 @@ def test_a_save_of_a_held_block_readvertises_it_after_the_directory_lost_it():
     try:
         save(side, [1], KEYS[:1])
         again = save(side, [1], KEYS[:1])  # e.g. Redis was flushed: the scheduler asked again
-        assert again.stored == KEYS[:1]
+        assert again.keys("local", "stored") == KEYS[:1]
     finally:
         side.shutdown()
     directory = EmbeddedDirectory()

@@ -1,10 +1,12 @@
 """The Redis page tier against a real redis-server: round trips, integrity, the
-fleet-wide byte budget with LRU eviction and leases, outages."""
+fleet-wide byte budget with LRU eviction and leases, outages, bookkeeping repair. Every
+test runs with plaintext values and with values sealed by AES-256-GCM (tests/at_rest.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -12,23 +14,27 @@ import numpy as np
 import pytest
 import redis
 import torch
+from at_rest import MODES, cipher_for
 
 from symram_vllm.directory.redis_directory import RedisDirectory, RedisDirectoryOptions
 from symram_vllm.keys import BlockKey
 from symram_vllm.redis_link import LinkOptions
+from symram_vllm.tiers.crypto import PageCipher
 from symram_vllm.tiers.redis_tier import (
     HEADER_BYTES,
     RedisPageTier,
     RedisPageTierOptions,
     pack_page,
     unpack_page,
+    value_bytes,
 )
 
 pytestmark = pytest.mark.timeout(120)
 
 SIG = hashlib.blake2b(b"model-signature", digest_size=32).digest()
 PAGE = 4096
-VALUE = HEADER_BYTES + PAGE  # bytes one page takes from the budget
+VALUE = HEADER_BYTES + PAGE  # bytes one page takes from the budget (per mode: at_rest)
+CIPHER: PageCipher | None = None
 FAST = LinkOptions(
     socket_timeout_s=0.5, connect_timeout_s=0.25, backoff_initial_s=0.02, backoff_max_s=0.2
 )
@@ -51,6 +57,14 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
     return predicate()
 
 
+@pytest.fixture(autouse=True, params=MODES)
+def at_rest(request, monkeypatch) -> str:
+    cipher = cipher_for(request.param)
+    monkeypatch.setattr(sys.modules[__name__], "CIPHER", cipher)
+    monkeypatch.setattr(sys.modules[__name__], "VALUE", value_bytes(PAGE, cipher is not None))
+    return request.param
+
+
 @pytest.fixture
 def open_tiers(redis_server) -> Iterator[Callable[..., RedisPageTier]]:
     made: list[RedisPageTier] = []
@@ -61,6 +75,7 @@ def open_tiers(redis_server) -> Iterator[Callable[..., RedisPageTier]]:
             namespace=namespace,
             capacity_bytes=capacity,
             options=RedisPageTierOptions(link=FAST),
+            cipher=kw.pop("cipher", CIPHER),
             **kw,
         )
         made.append(tier)
@@ -115,17 +130,17 @@ def test_ranks_are_separate_pages(open_tiers) -> None:
 
 def test_header_round_trip_and_rejections() -> None:
     k = bkey(3)
-    value = pack_page(k, memoryview(page(3)))
+    value = pack_page(k, memoryview(page(3)), CIPHER)
     assert len(value) == VALUE
-    assert bytes(unpack_page(k, value)) == page(3)
-    assert unpack_page(bkey(4), value) is None
-    assert unpack_page(bkey(3, rank=1), value) is None
-    assert unpack_page(k, value[:-1]) is None
-    assert unpack_page(k, value[:10]) is None
-    assert unpack_page(k, value + b"\0") is None
+    assert bytes(unpack_page(k, value, CIPHER)) == page(3)
+    assert unpack_page(bkey(4), value, CIPHER) is None
+    assert unpack_page(bkey(3, rank=1), value, CIPHER) is None
+    assert unpack_page(k, value[:-1], CIPHER) is None
+    assert unpack_page(k, value[:10], CIPHER) is None
+    assert unpack_page(k, value + b"\0", CIPHER) is None
     flipped = bytearray(value)
     flipped[HEADER_BYTES + 100] ^= 1
-    assert unpack_page(k, bytes(flipped)) is None
+    assert unpack_page(k, bytes(flipped), CIPHER) is None
 
 
 # -- integrity -----------------------------------------------------------------------------------
@@ -261,6 +276,68 @@ def test_namespaces_are_isolated(open_tiers) -> None:
     b = open_tiers(namespace="tenant-b")
     a.set(bkey(1), page(1))
     assert b.get(bkey(1)) is None and not b.exists(bkey(1))
+
+
+# -- bookkeeping keys of the wrong type ------------------------------------------------
+def _corrupt(r: redis.Redis, key: str, kind: str) -> None:
+    r.delete(key)
+    if kind == "hash":
+        r.hset(key, "x", "y")
+    elif kind == "list":
+        r.rpush(key, "x")
+    else:
+        r.set(key, "not a number")
+
+
+@pytest.mark.parametrize(
+    ("targets", "first_call"),
+    [(("lru",), "get"), (("lru",), "set"), (("page_sizes",), "delete"), (("used",), "set"),
+     (("lru", "page_sizes", "used"), "get")],
+)
+def test_wrong_typed_bookkeeping_is_repaired_and_counted(
+    open_tiers, redis_server, targets: tuple[str, ...], first_call: str
+) -> None:
+    """The audit turned the `lru` sorted set into a hash: every script then failed with
+    WRONGTYPE and the tier stayed off until a person deleted the key. Now the next call
+    rebuilds the bookkeeping from the pages, counts it, and the budget still holds."""
+    tier = open_tiers(capacity=3 * VALUE)
+    for i in range(3):
+        assert tier.set(bkey(i), page(i))
+        time.sleep(0.002)
+    r = raw(redis_server)
+    kinds = {"lru": "hash", "page_sizes": "list", "used": "hash"}
+    for name in targets:
+        _corrupt(r, getattr(tier.keys, name), kinds[name])
+    if first_call == "get":
+        assert tier.get(bkey(0)) == page(0)
+    elif first_call == "set":
+        assert tier.set(bkey(9), page(9))  # evicts one of the three: the budget holds
+    else:
+        assert tier.delete(bkey(2))
+    s = tier.stats()
+    assert s.extra["bookkeeping_repairs"] == len(targets)
+    assert r.type(tier.keys.lru) == b"zset" and r.type(tier.keys.page_sizes) == b"hash"
+    held = sum(tier.exists(bkey(i)) for i in (0, 1, 2, 9))
+    assert s.pages == held and s.bytes_used == held * VALUE
+    assert int(r.get(tier.keys.used)) == held * VALUE
+    for i in range(10, 14):  # keeps working within budget, with no further repairs
+        assert tier.set(bkey(i), page(i))
+        assert tier.get(bkey(i)) == page(i)
+    s = tier.stats()
+    assert s.pages == 3 and s.bytes_used == 3 * VALUE
+    assert s.extra["bookkeeping_repairs"] == len(targets)
+
+
+def test_repair_drops_page_keys_of_the_wrong_type(open_tiers, redis_server) -> None:
+    tier = open_tiers(capacity=4 * VALUE)
+    tier.set(bkey(1), page(1))
+    r = raw(redis_server)
+    r.hset(tier.keys.page(bkey(2)), "x", "y")  # foreign data under a page name
+    _corrupt(r, tier.keys.lru, "hash")
+    assert tier.get(bkey(1)) == page(1)
+    assert not r.exists(tier.keys.page(bkey(2)))
+    s = tier.stats()
+    assert s.pages == 1 and s.bytes_used == VALUE
 
 
 # -- outages ---------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
+from symram_vllm.tiers.events import TierEvent, TierName, TierOp, keys_of
+
 
 @dataclass
 class BlockJob:
@@ -40,41 +42,32 @@ class SymramConnectorMetadata(KVConnectorMetadata):
 
 @dataclass
 class SymramWorkerMetadata(KVConnectorWorkerMetadata):
-    stored: list[bytes] = field(default_factory=list)
-    removed: list[bytes] = field(default_factory=list)
+    # What the workers' tiers gained and lost (tiers/events.py), each event tagged with
+    # the reporting rank; aggregation across ranks concatenates them and the scheduler
+    # counts ranks per key (ResidencyReports).
+    events: list[TierEvent] = field(default_factory=list)
     # Save keys the worker has finished with (stored or skipped).
     processed: list[bytes] = field(default_factory=list)
-    # Keys that entered / left tiers other engines can read (this worker's disk slot,
-    # the Redis page tier), for a shared directory.
-    disk_stored: list[bytes] = field(default_factory=list)
-    disk_removed: list[bytes] = field(default_factory=list)
-    redis_stored: list[bytes] = field(default_factory=list)
-    redis_removed: list[bytes] = field(default_factory=list)
     # Keys a load found in no tier (or only damaged): the directory was wrong about them.
     load_failed: list[bytes] = field(default_factory=list)
     # Tier writes still running (disk, Redis): their events come in later steps.
     pending: bool = False
 
+    def keys(self, tier: TierName, op: TierOp) -> list[bytes]:
+        return keys_of(self.events, tier, op)
+
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, SymramWorkerMetadata)
-
-        # With tensor parallelism every rank must hold its shard before the block
-        # counts as stored; a removal (or a failed load) on any rank removes it.
-        def both(a: list[bytes], b: list[bytes]) -> list[bytes]:
-            kept = set(b)
-            return [k for k in a if k in kept]
 
         def either(a: list[bytes], b: list[bytes]) -> list[bytes]:
             return list(dict.fromkeys(a + b))
 
+        # No intersection here: ranks report the same block in different steps (saves
+        # are asynchronous), and vLLM skips a rank that sent nothing. The scheduler
+        # completes a store when every rank has reported it, whenever that is.
         return SymramWorkerMetadata(
-            stored=both(self.stored, other.stored),
-            removed=either(self.removed, other.removed),
+            events=self.events + other.events,
             processed=either(self.processed, other.processed),
-            disk_stored=both(self.disk_stored, other.disk_stored),
-            disk_removed=either(self.disk_removed, other.disk_removed),
-            redis_stored=both(self.redis_stored, other.redis_stored),
-            redis_removed=either(self.redis_removed, other.redis_removed),
             load_failed=either(self.load_failed, other.load_failed),
             pending=self.pending or other.pending,
         )

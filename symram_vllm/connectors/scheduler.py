@@ -9,6 +9,12 @@ tier this engine's workers can read (``shared_tiers``: the Redis page tier, the
 disk slots of a shared disk_path). Promised loads are leased, so the page tier does
 not evict them before the copy; a load that finds no intact page anyway is a load
 error (vLLM recomputes) and the directory forgets the locations that misled it.
+
+The scheduling path does no network I/O, whatever ``directory_url`` says: the
+directory is an ``AsyncDirectory`` (in-process view and queues; one background
+round trip per step). A fleet lookup is answered at a later step: until then a
+waiting request is skipped for at most ``FLEET_WAIT_S`` (vLLM asks again), after
+which it goes ahead with what is known locally.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from typing import TYPE_CHECKING
 
 from symram_vllm.connectors.kv_events import TierEventLog
 from symram_vllm.connectors.metadata import BlockJob, SymramConnectorMetadata, SymramWorkerMetadata
+from symram_vllm.connectors.residency import RankReports
 from symram_vllm.directory import Directory, EmbeddedDirectory
+from symram_vllm.directory.async_directory import AsyncDirectory
 from symram_vllm.keys import chain_keys
 from symram_vllm.tiers.disk_layout import rank_slot_directories, stored_keys
 
@@ -33,10 +41,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# A promised load holds a lease this long at most (released when the load finishes).
-LEASE_TTL_S = 30.0
-# Fleet-wide dedupe counters are read from the directory at most this often.
-DEDUPE_READ_INTERVAL_S = 1.0
+# A waiting request waits this long at most for the fleet's answer to its lookup.
+FLEET_WAIT_S = 0.05
 # After a worker said tier writes are still running, keep the engine stepping this
 # long (idle steps are throttled) so their events reach the directory while idle.
 PENDING_GRACE_S = 1.0
@@ -53,6 +59,8 @@ class RequestState:
     has_jobs: bool = False
     # Keys leased in the directory for this request's pending load.
     leased: list[bytes] = field(default_factory=list)
+    # When this request first waited for a fleet answer (monotonic seconds).
+    fleet_wait_since: float | None = None
 
 
 class SchedulerSide:
@@ -61,17 +69,21 @@ class SchedulerSide:
         signature_digest: bytes,
         block_size: int,
         config: SymramConfig,
-        directory: Directory | None = None,
+        directory: Directory | AsyncDirectory | None = None,
         *,
         page_bytes: int = 0,
         disk_tier: str = "disk",
         shared_tiers: frozenset[str] = frozenset(),
+        tp_size: int = 1,
     ) -> None:
         self.signature_digest = signature_digest
         self.block_size = block_size
         self.config = config
         # Not `directory or ...`: an empty directory is falsy (its __len__ is 0).
-        self.directory = directory if directory is not None else EmbeddedDirectory()
+        if directory is None:
+            directory = EmbeddedDirectory()
+        self.directory = (directory if isinstance(directory, AsyncDirectory)
+                          else AsyncDirectory(directory))
         # Bytes of one page (all TP ranks' shards count once: dedupe is per block).
         self.page_bytes = page_bytes
         # The directory's name for this engine's disk tier: "disk.<store id>" when
@@ -80,8 +92,6 @@ class SchedulerSide:
         self.shared_tiers = shared_tiers
         self._counters: dict[str, float] = {}
         self._worker_busy_until = 0.0
-        self._dedupe_read_at = float("-inf")
-        self._dedupe_gauges: dict[str, float] = {}
         self.kv_cache_manager: KVCacheManager | None = None
         self._requests: dict[str, RequestState] = {}
         self._pending_loads: list[BlockJob] = []
@@ -91,6 +101,8 @@ class SchedulerSide:
         self.lookups = 0
         self.hit_tokens = 0
         self.events = TierEventLog(block_size)
+        # Stores complete when every tensor-parallel rank has reported its shard.
+        self.reports = RankReports(tp_size)
 
     def seed_from_disk(self, tp_size: int) -> int:
         """Warm restart: blocks already on every rank's disk tier count as held.
@@ -112,7 +124,7 @@ class SchedulerSide:
             }
             held = keys if held is None else held & keys
         if held:
-            self.directory.add(held, self.disk_tier)
+            self.directory.register(list(held), self.disk_tier)
         return len(held or ())
 
     def _count(self, name: str, n: float = 1) -> None:
@@ -134,7 +146,7 @@ class SchedulerSide:
     # -- vLLM scheduler hooks ------------------------------------------------------------
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
-    ) -> tuple[int, bool]:
+    ) -> tuple[int | None, bool]:
         state = self._state(request)
         state.local_computed_tokens = num_computed_tokens
         # vLLM must compute at least the last prompt token itself (it needs its logits).
@@ -145,21 +157,32 @@ class SchedulerSide:
             return 0, False
         self.lookups += 1
         # Blocks vLLM already has need not be held by us: chain keys name the whole
-        # prefix, so the run to load starts right after them. The lease (a lookup
-        # that also protects) keeps shared pages from eviction until the copy ends.
+        # prefix, so the run to load starts right after them. The fleet's answer is a
+        # lease (a lookup that also protects), so shared pages are not evicted before
+        # the copy ends; it arrives at a later step.
         wanted = state.keys[local_blocks:loadable_blocks]
-        held = self.directory.acquire_lease(wanted, LEASE_TTL_S)
+        answer = self.directory.lookup(request.request_id, wanted)
+        if answer.pending and answer.held < len(wanted):
+            now = time.monotonic()
+            if state.fleet_wait_since is None:
+                state.fleet_wait_since = now
+            if now - state.fleet_wait_since < FLEET_WAIT_S:
+                self._count("fleet_lookup_waits")
+                return None, False  # vLLM skips the request and asks next step
+        state.fleet_wait_since = None
+        held = answer.held
+        leased = list(wanted[: answer.leased])
         if held < self.config.min_load_blocks:
-            if held:
-                self.directory.release_lease(wanted[:held])
+            if leased:
+                self.directory.release(leased)
             return 0, False
-        state.leased = list(wanted[:held])
+        state.leased = leased
         self._count("lookup_hit_blocks", held)
         return held * self.block_size + local_blocks * self.block_size - num_computed_tokens, True
 
     def _release(self, state: RequestState) -> None:
         if state.leased:
-            self.directory.release_lease(state.leased)
+            self.directory.release(state.leased)
             state.leased = []
 
     def update_state_after_alloc(
@@ -207,6 +230,7 @@ class SchedulerSide:
             job = self._save_job(req_id, computed_before.get(req_id), num_scheduled)
             if job is not None:
                 meta.saves.append(job)
+        self.directory.end_step()  # this step's directory work: one background batch
         return meta
 
     def _save_job(
@@ -230,11 +254,12 @@ class SchedulerSide:
             # as physical (fleet-wide with a Redis directory).
             self.directory.record_store([state.keys[i] for i in indexes], self.page_bytes)
         candidates = [i for i in indexes if state.keys[i] not in self._saving]
-        # One directory round trip for the whole step of this request.
-        where = self.directory.tiers_of_many([state.keys[i] for i in candidates])
-        for index, tiers in zip(candidates, where, strict=True):
+        # In-process: held here, or usable per a recent fleet answer. A stale "no"
+        # costs a redundant save (the worker skips pages it holds), never a wrong token.
+        held = self.directory.held_local([state.keys[i] for i in candidates])
+        for index, known in zip(candidates, held, strict=True):
             key = state.keys[index]
-            if tiers or key in self._saving:
+            if known or key in self._saving:
                 continue
             self._saving.add(key)
             job.block_ids.append(block_ids[index])
@@ -261,39 +286,44 @@ class SchedulerSide:
         self._worker_busy_until = time.monotonic() + PENDING_GRACE_S if worker_meta.pending else 0.0
         directory = self.directory
         self._saving.difference_update(worker_meta.processed)
-        if worker_meta.removed:
+        stored, removed = self.reports.apply(worker_meta.events)
+        if removed["local"]:
             # Gone from this engine's DRAM and disk slot; a copy in Redis (or in a
             # peer's slot) is still there, so only this engine's locations go.
-            directory.remove_own(worker_meta.removed, "dram")
-            directory.remove_own(worker_meta.removed, self.disk_tier)
-            self.events.removed(worker_meta.removed)
-        if worker_meta.disk_removed:
-            directory.remove_own(worker_meta.disk_removed, self.disk_tier)
-        if worker_meta.redis_removed:
+            directory.unregister_own(removed["local"], "dram")
+            directory.unregister_own(removed["local"], self.disk_tier)
+            self.events.removed(removed["local"])
+        if removed["disk"]:
+            directory.unregister_own(removed["disk"], self.disk_tier)
+        if removed["redis"]:
             # One copy fleet-wide: evicted means gone for every engine.
-            directory.remove(worker_meta.redis_removed, "redis")
-            self._count("redis_removed_blocks", len(worker_meta.redis_removed))
+            directory.unregister(removed["redis"], "redis")
+            self._count("redis_removed_blocks", len(removed["redis"]))
         if worker_meta.load_failed:
             # The directory promised pages no tier could deliver intact: forget this
             # engine's locations and the shared ones, so nobody is misled again.
             failed = worker_meta.load_failed
-            directory.remove(failed)
+            directory.unregister(failed)
             for tier in self.shared_tiers:
-                directory.remove(failed, tier)
+                directory.unregister(failed, tier)
             self._count("directory_stale_blocks", len(failed))
-        if worker_meta.stored:
-            directory.add(worker_meta.stored, "dram")
-            self.events.stored(worker_meta.stored)
-        if worker_meta.disk_stored:
-            directory.add(worker_meta.disk_stored, self.disk_tier)
-        if worker_meta.redis_stored:
-            directory.add(worker_meta.redis_stored, "redis")
-        stored = set(worker_meta.stored)
-        self.events.dropped([k for k in worker_meta.processed if k not in stored])
+        if stored["local"]:
+            directory.register(stored["local"], "dram")
+            self.events.stored(stored["local"])
+        if stored["disk"]:
+            directory.register(stored["disk"], self.disk_tier)
+        if stored["redis"]:
+            directory.register(stored["redis"], "redis")
+        done = set(stored["local"])
+        self.events.dropped([
+            k for k in worker_meta.processed
+            if k not in done and not self.reports.waiting("local", k)
+        ])
 
     def request_finished(self, request: Request) -> bool:
         """True when workers may still be copying this request's blocks."""
         state = self._requests.pop(request.request_id, None)
+        self.directory.forget(request.request_id)
         if state is None:
             return False
         self._release(state)
@@ -314,21 +344,18 @@ class SchedulerSide:
 
     # -- reporting -------------------------------------------------------------------------
     def take_stats(self) -> tuple[dict[str, float], dict[str, float]]:
-        """(counters since the last call, gauges): lookups, leases, dedupe accounting."""
+        """(counters since the last call, gauges): lookups, leases, dedupe accounting.
+        In-process: the directory's figures are what its background thread last read."""
         counters, self._counters = self._counters, {}
-        now = time.monotonic()
-        if now - self._dedupe_read_at >= DEDUPE_READ_INTERVAL_S:
-            self._dedupe_read_at = now
-            d = self.directory.dedupe()
-            gauges = {
-                "dedupe_logical_bytes": float(d.logical_bytes),
-                "dedupe_physical_bytes": float(d.physical_bytes),
-                "dedupe_logical_blocks": float(d.logical_blocks),
-                "dedupe_physical_blocks": float(d.physical_blocks),
-                "dedupe_ratio": d.ratio,
-            }
-            available = self.directory.stats().get("available")
-            if available is not None:
-                gauges["directory_available"] = available
-            self._dedupe_gauges = gauges
-        return counters, dict(self._dedupe_gauges)
+        d = self.directory.dedupe()
+        gauges = {
+            "dedupe_logical_bytes": float(d.logical_bytes),
+            "dedupe_physical_bytes": float(d.physical_bytes),
+            "dedupe_logical_blocks": float(d.logical_blocks),
+            "dedupe_physical_blocks": float(d.physical_blocks),
+            "dedupe_ratio": d.ratio,
+        }
+        available = self.directory.stats().get("available")
+        if available is not None:
+            gauges["directory_available"] = available
+        return counters, gauges

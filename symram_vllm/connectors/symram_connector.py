@@ -28,7 +28,8 @@ from symram_vllm.connectors.metadata import SymramConnectorMetadata, SymramWorke
 from symram_vllm.connectors.scheduler import SchedulerSide
 from symram_vllm.connectors.vllm_stats import SymramConnectorStats, SymramPromMetrics
 from symram_vllm.connectors.worker import WorkerSide
-from symram_vllm.directory import Directory, make_directory
+from symram_vllm.directory import open_fleet_directory
+from symram_vllm.directory.async_directory import AsyncDirectory
 from symram_vllm.keys import ModelSignature
 from symram_vllm.tiers.disk_layout import store_id
 
@@ -112,16 +113,17 @@ def shared_tier_names(config: SymramConfig) -> tuple[str, frozenset[str]]:
 
 def _open_directory(
     config: SymramConfig, namespace: bytes, shared_tiers: frozenset[str]
-) -> Directory:
-    """The block directory: in-process by default, Redis when directory_url is set.
+) -> AsyncDirectory:
+    """The block directory: in-process by default, Redis when directory_url is set,
+    always behind an ``AsyncDirectory`` so the scheduler loop never does network I/O.
 
     A block counts as loadable when this instance holds it, or when any instance put
     it in one of `shared_tiers` (tiers this instance's workers can read)."""
     instance = config.instance_id or f"{socket.gethostname()}:{os.getpid()}"
     try:
-        return make_directory(
+        return open_fleet_directory(
             config.directory_url, namespace=namespace, instance_id=instance,
-            shared_tiers=shared_tiers,
+            shared_tiers=shared_tiers, settings=getattr(config, "redis", None),
         )
     except ValueError as exc:
         raise SymramStartupError(f"symram directory_url: {exc}") from exc
@@ -240,6 +242,7 @@ class SymramConnector(KVConnectorBase_V1):
                 ),
                 disk_tier=disk_tier,
                 shared_tiers=shared,
+                tp_size=signature.tp_size,
             )
             seeded = self._scheduler.seed_from_disk(signature.tp_size)
             logger.info(

@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 
@@ -189,18 +190,7 @@ class WorkerSide:
     # into load errors for every block of the job (vLLM recomputes them), a save
     # abandons its pages (nothing half-written is ever published).
     def _run_load(self, job: BlockJob) -> JobResult:
-        result = JobResult(job.req_id)
-        start = time.perf_counter()
-        try:
-            self._load_job(job, result)
-        except Exception:
-            logger.exception("symram load job for %s failed; vLLM recomputes it", job.req_id)
-            result.error = True
-            result.moved_blocks = result.moved_bytes = 0
-            result.failed_block_ids = list(job.block_ids)
-            result.failed_keys = list(job.keys[:1])
-        result.seconds = time.perf_counter() - start
-        return result
+        return self._run(job, JobResult(job.req_id), self._load_job, "load")
 
     def _load_job(self, job: BlockJob, result: JobResult) -> None:
         assert self.store is not None and self.mover is not None
@@ -222,14 +212,24 @@ class WorkerSide:
             result.failed_keys = [job.keys[len(rows)]]
 
     def _run_save(self, job: BlockJob) -> JobResult:
-        result = JobResult(job.req_id, processed_keys=list(job.keys))
+        return self._run(job, JobResult(job.req_id, processed_keys=list(job.keys)),
+                         self._save_job, "save")
+
+    def _run(
+        self, job: BlockJob, result: JobResult,
+        body: Callable[[BlockJob, JobResult], None], kind: str,
+    ) -> JobResult:
         start = time.perf_counter()
         try:
-            self._save_job(job, result)
+            body(job, result)
         except Exception:
-            logger.exception("symram save job for %s failed; its pages are dropped", job.req_id)
+            logger.exception("symram %s job for %s failed; %s", kind, job.req_id,
+                             "vLLM recomputes it" if kind == "load" else "its pages are dropped")
             result.error = True
             result.moved_blocks = result.moved_bytes = 0
+            if kind == "load":
+                result.failed_block_ids = list(job.block_ids)
+                result.failed_keys = list(job.keys[:1])
         result.seconds = time.perf_counter() - start
         return result
 
@@ -347,12 +347,7 @@ class WorkerSide:
             return None
         meta = SymramWorkerMetadata(processed=processed, load_failed=failed, pending=pending)
         if events:
-            meta.stored = events.stored
-            meta.removed = events.removed
-            meta.disk_stored = events.disk_stored
-            meta.disk_removed = events.disk_removed
-            meta.redis_stored = events.redis_stored
-            meta.redis_removed = events.redis_removed
+            meta.events = events.tier_events(self.rank)
         return meta
 
     def take_counters(self) -> tuple[dict[str, float], dict[str, float]]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from symram_vllm.config import SymramConfig
 from symram_vllm.store import TieredStore
+from symram_vllm.tiers.crypto import PageCipher, page_cipher
 from symram_vllm.tiers.disk import DiskTier, DiskTierLocked
 from symram_vllm.tiers.disk_layout import MAX_SLOTS, rank_directory, slot_directory
 
@@ -72,11 +73,12 @@ def open_disk_tier(config: SymramConfig, namespace: bytes, rank: int) -> DiskTie
     if config.disk_path is None:
         return None
     disk_config = config.disk.model_copy(update={"codec": config.codec})
+    cipher = _cipher(config, namespace)  # raises (refuses to start) on bad key settings
     slots = MAX_SLOTS if config.disk_share else 1
     for slot in range(slots):
         root = slot_directory(config.disk_path, namespace, rank, slot)
         try:
-            tier = DiskTier(root, config.disk_bytes, config=disk_config)
+            tier = DiskTier(root, config.disk_bytes, config=disk_config, cipher=cipher)
         except DiskTierLocked as exc:
             if slot + 1 < slots:
                 continue
@@ -110,12 +112,14 @@ def open_remote_tiers(
     redis_pages_bytes > 0. Neither may stop the engine: a failure is logged and
     the tier left out."""
     remotes: list[Any] = []
+    cipher = _cipher(config, namespace)
     if config.disk_path is not None and config.disk_share:
         from symram_vllm.tiers.peer_disk import PeerDiskReader
 
         remotes.append(PeerDiskReader(
             config.disk_path, namespace, rank,
             own_root=disk.root if disk is not None else None, codec=config.codec,
+            cipher=cipher,
         ))
     pages = None
     url = config.redis_pages_url or config.directory_url
@@ -131,12 +135,21 @@ def open_remote_tiers(
                 from symram_vllm.tiers.redis_tier import RedisPageTier
 
                 tier = RedisPageTier(
-                    url, namespace=namespace, capacity_bytes=config.redis_pages_bytes
+                    url, namespace=namespace, capacity_bytes=config.redis_pages_bytes,
+                    cipher=cipher,
                 )
                 pages = RedisPages(tier, queue_pages=config.redis_pages_queue)
             except (ValueError, OSError) as exc:
                 logger.error("symram rank %d: Redis page tier off: %s", rank, exc)
     return remotes, pages
+
+
+def _cipher(config: SymramConfig, namespace: bytes) -> PageCipher | None:
+    """The pages-at-rest cipher (None: plaintext). Raises EncryptionConfigError, which
+    stops the engine, when the encryption settings cannot be honoured."""
+    return page_cipher(
+        config.encryption, config.encryption_key_file, config.encryption_key, namespace
+    )
 
 
 def start_control_server(

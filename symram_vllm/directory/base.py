@@ -11,6 +11,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from symram_vllm.directory.batch import BatchResult, DirectoryBatch
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,10 @@ class DedupeStats:
 
 
 class Directory(ABC):
+    # True when other instances read and write the same directory (a network one):
+    # then fleet lookups are worth a round trip. In-process directories know it all.
+    shared: bool = False
+
     @abstractmethod
     def add(self, chain_keys: Iterable[bytes], tier: str) -> None:
         """Record that `chain_keys` are held in `tier`."""
@@ -86,6 +94,25 @@ class Directory(ABC):
 
     def stats(self) -> dict[str, float]:
         return {"entries": float(len(self))}
+
+    def apply_batch(self, batch: DirectoryBatch) -> BatchResult:
+        """Run a batch: writes in order, then lease lookups, then the dedupe read. A
+        remote directory overrides this with one pipelined round trip."""
+        from symram_vllm.directory.batch import BatchResult
+
+        for op in batch.writes:
+            if op.kind == "add":
+                self.add(op.keys, op.tier or "")
+            elif op.kind == "remove":
+                self.remove(op.keys, op.tier)
+            elif op.kind == "remove_own":
+                self.remove_own(op.keys, op.tier or "")
+            elif op.kind == "record_store":
+                self.record_store(op.keys, op.nbytes)
+            else:
+                self.release_lease(op.keys)
+        leased = [self.acquire_lease(q.keys, q.ttl_s) for q in batch.leases]
+        return BatchResult(leased=leased, dedupe=self.dedupe() if batch.read_dedupe else None)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and threads."""

@@ -26,6 +26,7 @@ import redis
 
 from symram_vllm.directory import redis_scripts as lua
 from symram_vllm.directory.base import DedupeStats, Directory
+from symram_vllm.directory.batch import BatchResult, DirectoryBatch
 from symram_vllm.directory.redis_keys import RedisKeys, check_name, normalize_namespace
 from symram_vllm.redis_link import LinkOptions, RedisLink
 
@@ -65,6 +66,8 @@ def _ms(seconds: float) -> int:
 
 
 class RedisDirectory(Directory):
+    shared = True
+
     def __init__(
         self,
         url: str,
@@ -98,6 +101,10 @@ class RedisDirectory(Directory):
         self.hits = 0
         self.misses = 0
         self.hit_blocks = 0
+        from symram_vllm.directory.redis_batch import RedisBatcher
+
+        self._batcher = RedisBatcher(self)
+        self._batcher.preload()
 
     # -- reads -----------------------------------------------------------------------------
     def _me(self) -> list[str | int]:
@@ -177,8 +184,11 @@ class RedisDirectory(Directory):
         return self.link.call(count, 0)
 
     # -- writes ----------------------------------------------------------------------------
+    def location(self, tier: str) -> str:
+        return f"{self.instance_id}|{check_name('tier', tier)}"
+
     def add(self, chain_keys: Iterable[bytes], tier: str) -> None:
-        location = f"{self.instance_id}|{check_name('tier', tier)}"
+        location = self.location(tier)
         blocks = self._block_keys(list(chain_keys))
         for chunk in _chunks(blocks, self.options.write_chunk):
             self.link.write(
@@ -192,10 +202,13 @@ class RedisDirectory(Directory):
             self.link.write(lambda r, c=chunk: self._remove(keys=c, args=args, client=r))
 
     def remove_own(self, chain_keys: Iterable[bytes], tier: str) -> None:
-        args = [self.instance_id, check_name("tier", tier), "0"]
+        args = self._own_args(tier)
         blocks = self._block_keys(list(chain_keys))
         for chunk in _chunks(blocks, self.options.write_chunk):
             self.link.write(lambda r, c=chunk: self._remove(keys=c, args=args, client=r))
+
+    def _own_args(self, tier: str | None) -> list[str]:
+        return [self.instance_id, check_name("tier", tier or ""), "0"]
 
     def _drop_args(self, tier: str | None) -> list[str]:
         if tier is None:
@@ -281,6 +294,11 @@ class RedisDirectory(Directory):
 
         return self.link.call(read, DedupeStats())
 
+    # -- batches -----------------------------------------------------------------------------
+    def apply_batch(self, batch: DirectoryBatch) -> BatchResult:
+        """The whole batch in one pipelined round trip (see redis_batch.py)."""
+        return self._batcher.apply(batch)
+
     # -- housekeeping ----------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
         """Local counters of this object (no Redis round trip)."""
@@ -289,6 +307,7 @@ class RedisDirectory(Directory):
             "hits": float(self.hits),
             "misses": float(self.misses),
             "hit_blocks": float(self.hit_blocks),
+            "round_trips": float(self._batcher.round_trips),
             **self.link.counters(),
         }
 

@@ -105,7 +105,7 @@ def _probe_uncached(directory: Path) -> Capability:
     probe = directory / f".odirect-probe-{os.getpid()}-{threading.get_ident()}"
     buf = AlignedBuffer(ALIGN)
     try:
-        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_TRUNC | O_DIRECT, 0o644)
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_TRUNC | O_DIRECT, 0o600)
         try:
             os.pwritev(fd, [buf.view(ALIGN)], 0)
             os.preadv(fd, [buf.view(ALIGN)], 0)
@@ -201,7 +201,8 @@ class PosixFileIO:
             self._write(path, buf, fsync, False)
 
     def _write(self, path: Path, buf: memoryview, fsync: bool, direct: bool) -> None:
-        fd = os.open(path, self._flags(os.O_WRONLY | os.O_CREAT | os.O_EXCL, direct), 0o644)
+        # 0600: a page is the prompt in another encoding (the tier's dirs are 0700 too).
+        fd = os.open(path, self._flags(os.O_WRONLY | os.O_CREAT | os.O_EXCL, direct), 0o600)
         try:
             done, pending = 0, [buf]
             while pending:
@@ -242,8 +243,8 @@ class KvikioFileIO:
         return total
 
     def write_new(self, path: Path, buf: memoryview, fsync: bool) -> None:
-        if path.exists():
-            raise FileExistsError(errno.EEXIST, "exists", str(path))
+        # Created here (O_EXCL, 0600) so the mode is set before any byte is written.
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         with self._kvikio.CuFile(str(path), "w") as f:
             f.pwrite(np.frombuffer(buf, dtype=np.uint8), len(buf)).get()
         if fsync:

@@ -10,6 +10,13 @@ when it saves a 4 KiB block) and reads decompress it; the header records the sto
 length and a ``+zstd`` codec (``page_format``), and a frame that fails zstd's own
 checks is a corrupt page like any other.
 
+With a ``cipher`` (encryption at rest, ``crypto.py``) the writer threads seal each
+page with AES-256-GCM after compressing it, and reads open it straight from the
+bounce buffer into the caller's page; the GCM tag replaces the CRC32 check. A page
+that fails to authenticate, a plaintext page when encryption is required, or a page
+sealed under another key is a miss like a corrupt one: counted and quarantined.
+Files are created 0600 in 0700 directories, with or without a cipher.
+
 Writes go to a temp file, are fsynced, then renamed into place: a writer killed
 mid-write leaves only a temp file, which the next start deletes. An I/O error
 (ENOSPC, EROFS, EIO...) closes the write gate: writes are declined with a logged
@@ -36,7 +43,7 @@ import torch
 from symram_vllm.codecs.base import CorruptPageError
 from symram_vllm.codecs.zstd import ZstdCodec
 from symram_vllm.keys import BlockKey
-from symram_vllm.snapshot import ManifestError, read_manifest, write_manifest
+from symram_vllm.snapshot import ManifestError, read_manifest, snapshot_secret, write_manifest
 from symram_vllm.tiers.aligned_io import (
     AlignedBuffer,
     FileIO,
@@ -48,11 +55,13 @@ from symram_vllm.tiers.aligned_io import (
     tensor_memoryview,
 )
 from symram_vllm.tiers.base import Tier, TierStats
+from symram_vllm.tiers.crypto import TAG_BYTES, PageCipher
 from symram_vllm.tiers.disk_config import DiskTierConfig
 from symram_vllm.tiers.disk_housekeeping import (
     DirectoryLock,
     DiskTierLocked,
     Quarantine,
+    private_dir,
     unlink_quietly,
 )
 from symram_vllm.tiers.disk_layout import (
@@ -67,8 +76,11 @@ from symram_vllm.tiers.page_format import (
     HEADER_BYTES,
     PageCorrupt,
     PageHeader,
+    check_readable,
     checksum,
+    open_sealed,
     pack_header,
+    seal_payload,
     unpack_header,
     verify,
     verify_payload,
@@ -83,7 +95,6 @@ logger = logging.getLogger(__name__)
 
 DiskEvictCallback = Callable[[BlockKey], None]
 VictimChooser = Callable[[list[BlockKey]], BlockKey]
-SNAPSHOT_KEY_ENV = "SYMRAM_SNAPSHOT_KEY"
 
 
 @dataclass(eq=False)
@@ -114,6 +125,7 @@ class DiskTier(Tier):
         on_evict: DiskEvictCallback | None = None,
         victim_chooser: VictimChooser | None = None,
         file_io: FileIO | None = None,
+        cipher: PageCipher | None = None,
     ) -> None:
         if budget_bytes < HEADER_BYTES * 2:
             raise ValueError(f"disk budget of {budget_bytes} bytes holds no page")
@@ -125,6 +137,8 @@ class DiskTier(Tier):
         # Called outside the tier's lock when a page leaves by eviction or quarantine.
         self.on_evict = on_evict
         self.victim_chooser = victim_chooser
+        # Seals pages written and opens pages read; None = plaintext pages.
+        self.cipher = cipher
         self._clock = clock
         self._lock = threading.RLock()
         self._index: OrderedDict[BlockKey, DiskEntry] = OrderedDict()
@@ -140,7 +154,8 @@ class DiskTier(Tier):
                 "temp_files_removed", "vanished_files", "pages_scanned",
                 "pages_from_manifest", "manifest_rejected", "bytes_written", "bytes_read",
                 "foreign_files", "zstd_pages", "zstd_raw_bytes", "zstd_stored_bytes",
-                "zstd_incompressible",
+                "zstd_incompressible", "auth_failures", "plaintext_rejected",
+                "other_key_pages", "modes_tightened",
             ),
             0,
         )
@@ -157,7 +172,8 @@ class DiskTier(Tier):
         self._zstd = ZstdCodec(self.config.zstd_level) if self.config.compress == "zstd" else None
         # Pages written compressed stay readable after a restart with compression off.
         self._unzstd = self._zstd or ZstdCodec()
-        self._packed = ThreadBuffers()  # writer threads: header + compressed payload
+        self._packed = ThreadBuffers()  # writer threads: header + compressed/sealed payload
+        self._opened = ThreadBuffers()  # readers: a sealed zstd frame, decrypted
         self._quarantine = Quarantine(self.quarantine_dir, self.config.quarantine_max_files)
         self._staging = StagingPool(self.config.write_workers + self.config.write_queue)
         self._writer = ThreadPoolExecutor(self.config.write_workers, "symram-disk-write")
@@ -176,9 +192,11 @@ class DiskTier(Tier):
 
     # -- setup ---------------------------------------------------------------------------
     def _prepare_dirs(self) -> bool:
+        """Create (or tighten to) 0700: the tier's root, its pages and its quarantine."""
         try:
-            self.pages_dir.mkdir(parents=True, exist_ok=True)
-            self.quarantine_dir.mkdir(exist_ok=True)
+            for directory in (self.root, self.pages_dir, self.quarantine_dir):
+                if private_dir(directory):
+                    self._counters["modes_tightened"] += 1
         except OSError as exc:
             self.gate.failed(exc)
         return not self.gate.disabled
@@ -189,7 +207,7 @@ class DiskTier(Tier):
         manifest_path = self.root / MANIFEST_NAME
         if self.config.manifest and manifest_path.exists():
             try:
-                manifest = read_manifest(manifest_path, secret=_snapshot_secret())
+                manifest = read_manifest(manifest_path, secret=snapshot_secret())
                 listed = {e.file: e for e in manifest.entries if e.tier == "disk"}
             except ManifestError as exc:
                 self._counters["manifest_rejected"] += 1
@@ -197,9 +215,12 @@ class DiskTier(Tier):
             # Consumed: if this process dies, the next start must not trust a stale list.
             with contextlib.suppress(OSError):
                 manifest_path.unlink()
-        report = rebuild_index(self.pages_dir, self.io, listed, self.config.progress_min_files)
+        report = rebuild_index(
+            self.pages_dir, self.io, listed, self.config.progress_min_files, self.cipher
+        )
+        self._counters["modes_tightened"] += report.modes_tightened
         for path, problem in report.corrupt:
-            self._stats.integrity_failures += 1
+            self._count_failure(problem)
             self._quarantine_page(path, problem)
         with self._lock:
             for key, entry in report.entries:
@@ -372,6 +393,7 @@ class DiskTier(Tier):
                 direct_io=float(self.io.direct),
                 direct_io_fallbacks=float(getattr(self.io, "direct_fallbacks", 0)),
                 kvikio=float(self.io.name == "kvikio"),
+                encrypted=float(self.cipher is not None),
             )
             return out
 
@@ -413,7 +435,8 @@ class DiskTier(Tier):
             raise ValueError(f"pages are CPU uint8 tensors, got {page.dtype} on {page.device}")
         length = page.numel()
         buf.tensor[HEADER_BYTES : HEADER_BYTES + length].copy_(page.reshape(-1))
-        crc = checksum(buf.view(length, HEADER_BYTES))
+        # A sealed page is checked by its GCM tag: no CRC32 pass in the saver's thread.
+        crc = 0 if self.cipher is not None else checksum(buf.view(length, HEADER_BYTES))
         header = PageHeader(key, codec or self.config.codec, length, crc, position)
         pack_header(header, buf.view(HEADER_BYTES))
         # Zero the tail so a reused buffer never leaks an older page into the padding.
@@ -465,7 +488,7 @@ class DiskTier(Tier):
         path = self.path_of(key)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(self._tmp_seq)}{TMP_SUFFIX}")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.io.write_new(tmp, data, self.config.fsync)
             with self._lock:
                 if staged.cancelled:  # deleted while in flight
@@ -493,30 +516,48 @@ class DiskTier(Tier):
 
     def _pack(self, staged: _Staged) -> tuple[PageHeader, memoryview]:
         """The header and file bytes to write: the staged page as is, or zstd-compressed
-        into this writer thread's own aligned buffer (the staged buffer stays raw, as
-        reads of a pending page serve it)."""
+        and/or sealed into this writer thread's own aligned buffer (the staged buffer
+        stays raw, as reads of a pending page serve it)."""
+        raw = staged.header
+        frame = self._compress(staged)
+        if frame is None and self.cipher is None:
+            return raw, staged.buf.view(raw.file_bytes)
+        header = raw
+        if frame is not None:
+            header = dataclasses.replace(
+                raw, codec=zstd_codec_name(raw.codec), payload_crc=checksum(frame),
+                stored_len=len(frame),
+            )
+        stored = header.stored_bytes
+        # TAG_BYTES of room: AES-GCM writes ciphertext || tag, the tag then moves up.
+        buf = self._packed.get(header.file_bytes + TAG_BYTES)
+        if self.cipher is not None:
+            src = frame if frame is not None else staged.buf.view(stored, HEADER_BYTES)
+            header = seal_payload(
+                header, self.cipher, memoryview(src), buf.view(stored + TAG_BYTES, HEADER_BYTES)
+            )
+        else:
+            buf.view(stored, HEADER_BYTES)[:] = frame
+        pack_header(header, buf.view(HEADER_BYTES))
+        buf.array[HEADER_BYTES + stored : header.file_bytes] = 0
+        return header, buf.view(header.file_bytes)
+
+    def _compress(self, staged: _Staged) -> bytes | None:
+        """The page's zstd frame, or None: compression off, the caller's codec already
+        ends in zstd (a chain codec's page), or it would not save a 4 KiB block."""
         raw = staged.header
         if self._zstd is None or raw.codec.split("+")[-1].split(":")[0] == "zstd":
-            # Off, or the caller's codec already ends in zstd (a chain codec's page).
-            return raw, staged.buf.view(raw.file_bytes)
+            return None
         frame = self._zstd.encode_buffer(staged.buf.view(raw.payload_len, HEADER_BYTES))
         with self._lock:
             self._counters["zstd_raw_bytes"] += raw.payload_len
             if align_up(len(frame)) >= align_up(raw.payload_len):
                 self._counters["zstd_incompressible"] += 1
                 self._counters["zstd_stored_bytes"] += raw.payload_len
-                return raw, staged.buf.view(raw.file_bytes)
+                return None
             self._counters["zstd_pages"] += 1
             self._counters["zstd_stored_bytes"] += len(frame)
-        header = dataclasses.replace(
-            raw, codec=zstd_codec_name(raw.codec), payload_crc=checksum(frame),
-            stored_len=len(frame),
-        )
-        buf = self._packed.get(header.file_bytes)
-        buf.view(len(frame), HEADER_BYTES)[:] = frame
-        pack_header(header, buf.view(HEADER_BYTES))
-        buf.array[HEADER_BYTES + len(frame) : header.file_bytes] = 0
-        return header, buf.view(header.file_bytes)
+        return frame
 
     def _make_room_locked(self, need: int, trash: list[Path]) -> list[BlockKey] | None:
         """Evict until `need` more bytes fit; the victims, or None if pins prevent it.
@@ -581,12 +622,13 @@ class DiskTier(Tier):
         packed = entry.file_bytes < HEADER_BYTES + align_up(length)
         into_out = (
             not packed
+            and self.cipher is None  # sealed pages are opened from the bounce buffer
             and out is not None
             and out.device.type == "cpu"
             and out.numel() >= span
             and (is_aligned(out) if self.io.direct else out.is_contiguous())
         )
-        bounce = self._bounce.get(HEADER_BYTES if into_out else entry.file_bytes)
+        bounce = self._bounce.get(HEADER_BYTES if into_out else entry.file_bytes + TAG_BYTES)
         path = self.path_of(key)
         try:
             if into_out:
@@ -606,6 +648,9 @@ class DiskTier(Tier):
             if header.compressed != packed:
                 raise PageCorrupt("length", f"{header.stored_bytes} bytes stored, index "
                                   f"expects {entry.file_bytes - HEADER_BYTES} on disk")
+            check_readable(header, self.cipher)
+            if header.sealed:
+                return self._open(header, bounce, out)
             if packed:
                 payload = bounce.view(header.stored_bytes, HEADER_BYTES)
             verify_payload(header, payload)
@@ -615,8 +660,7 @@ class DiskTier(Tier):
             self._forget(key, entry, "vanished_files")
             return None
         except PageCorrupt as exc:
-            with self._lock:
-                self._stats.integrity_failures += 1
+            self._count_failure(exc)
             if self._forget(key, entry, None):
                 self._quarantine_page(path, exc)
             return None
@@ -629,6 +673,37 @@ class DiskTier(Tier):
             assert out is not None
             return out if out.numel() == length else out[:length]
         return _deliver(bounce.tensor[HEADER_BYTES : HEADER_BYTES + length], out)
+
+    def _open(
+        self, header: PageHeader, bounce: AlignedBuffer, out: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Decrypt a sealed page read into `bounce` (which has TAG_BYTES of room past the
+        stored bytes) into `out` or a new tensor; decompress it if it is a zstd frame.
+        Raises PageCorrupt("auth") when it does not authenticate."""
+        assert self.cipher is not None
+        stored, length = header.stored_bytes, header.payload_len
+        sealed = bounce.view(stored + TAG_BYTES, HEADER_BYTES)
+        if header.compressed:
+            frame = self._opened.get(stored)
+            open_sealed(header, self.cipher, sealed, frame.view(stored))
+            return self._unpack(frame.view(stored), length, out)
+        target = torch.empty(length, dtype=torch.uint8) if out is None else out[:length]
+        direct = target.is_contiguous() and target.device.type == "cpu"
+        dst = target if direct else torch.empty(length, dtype=torch.uint8)
+        open_sealed(header, self.cipher, sealed, tensor_memoryview(dst))
+        if dst is not target:
+            target.copy_(dst)
+        return target
+
+    def _count_failure(self, problem: PageCorrupt) -> None:
+        counter = {
+            "auth": "auth_failures", "plaintext": "plaintext_rejected",
+            "key-id": "other_key_pages", "no-key": "other_key_pages",
+        }.get(problem.reason)
+        with self._lock:
+            self._stats.integrity_failures += 1
+            if counter is not None:
+                self._counters[counter] += 1
 
     def _unpack(self, frame: memoryview, length: int, out: torch.Tensor | None) -> torch.Tensor:
         """Decompress a verified zstd payload into `out` (or a new tensor). A frame that
@@ -674,7 +749,7 @@ class DiskTier(Tier):
             path,
             manifest_entries(iter(self.index_snapshot())),
             meta={"tier": "disk", "root": str(self.root), "budget_bytes": self.budget_bytes},
-            secret=_snapshot_secret(),
+            secret=snapshot_secret(),
         )
         return path
 
@@ -702,7 +777,3 @@ def _deliver(view: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     target.copy_(view)
     return target
 
-
-def _snapshot_secret() -> bytes | None:
-    value = os.environ.get(SNAPSHOT_KEY_ENV)
-    return value.encode() if value else None

@@ -1,4 +1,5 @@
-"""Filesystem chores of the disk tier: the directory lock, the quarantine, quiet unlinks."""
+"""Filesystem chores of the disk tier: the directory lock, the quarantine, quiet unlinks,
+private directories."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -29,6 +31,31 @@ def unlink_quietly(path: Path) -> None:
             logger.warning("cannot remove %s: %s", path, exc)
 
 
+def private_dir(path: Path) -> bool:
+    """``mkdir -p`` where every directory created is 0700, and `path` itself tightened
+    to 0700 if it exists with group or other bits (a directory from an older version).
+    True if `path`'s mode was tightened. Raises OSError if it cannot be created."""
+    missing: list[Path] = []
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # another engine made it first
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if not mode & 0o077:
+        return False
+    try:
+        os.chmod(path, mode & 0o700)
+    except OSError as exc:
+        logger.warning("disk tier: cannot make %s private (chmod 700): %s", path, exc)
+        return False
+    return True
+
+
 class DirectoryLock:
     """An exclusive flock on ``<root>/.lock``, held for the tier's lifetime.
 
@@ -41,7 +68,7 @@ class DirectoryLock:
         self._fd: int | None = None
         path = root / ".lock"
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError:
             try:  # read-only filesystem: lock the existing file if there is one
                 fd = os.open(path, os.O_RDONLY)

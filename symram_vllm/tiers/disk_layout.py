@@ -8,6 +8,9 @@
 One file per page (not slabs): crash consistency is a rename, eviction an unlink,
 quarantine a move, variable-size (zstd) pages need no allocator, and a restart
 is a directory walk. docs/tiers.md has the benchmark behind this choice.
+
+Every directory here is 0700 and every file 0600 (pages are the prompt in another
+encoding); a start-up scan tightens page files left more open by older versions.
 """
 
 from __future__ import annotations
@@ -23,11 +26,21 @@ from tqdm import tqdm
 from symram_vllm.keys import BlockKey
 from symram_vllm.snapshot import ManifestEntry
 from symram_vllm.tiers.aligned_io import AlignedBuffer, FileIO
-from symram_vllm.tiers.page_format import HEADER_BYTES, PageCorrupt, unpack_header, verify
+from symram_vllm.tiers.crypto import PageCipher
+from symram_vllm.tiers.page_format import (
+    HEADER_BYTES,
+    PageCorrupt,
+    PageHeader,
+    check_readable,
+    unpack_header,
+    verify,
+)
 
 logger = logging.getLogger(__name__)
 
 PAGE_SUFFIX = ".page"
+FILE_MODE = 0o600
+DIR_MODE = 0o700
 TMP_SUFFIX = ".tmp"
 MANIFEST_NAME = "manifest.jsonl"
 
@@ -60,6 +73,7 @@ class FoundFile:
     rel: str
     size: int
     mtime: float
+    mode: int = FILE_MODE
 
 
 @dataclass
@@ -70,6 +84,7 @@ class ScanReport:
     foreign: int = 0
     from_manifest: int = 0
     scanned: int = 0
+    modes_tightened: int = 0
 
 
 def walk_pages(pages_dir: Path) -> tuple[list[FoundFile], list[Path], int]:
@@ -88,7 +103,9 @@ def walk_pages(pages_dir: Path) -> tuple[list[FoundFile], list[Path], int]:
             elif item.name.endswith(PAGE_SUFFIX) and item.is_file(follow_symlinks=False):
                 st = item.stat(follow_symlinks=False)
                 rel = f"{sub.name}/{item.name}"
-                pages.append(FoundFile(Path(item.path), rel, st.st_size, st.st_mtime))
+                pages.append(
+                    FoundFile(Path(item.path), rel, st.st_size, st.st_mtime, st.st_mode)
+                )
             else:
                 foreign += 1
     return pages, temps, foreign
@@ -99,6 +116,7 @@ def rebuild_index(
     io: FileIO,
     manifest: dict[str, ManifestEntry],
     progress_min_files: int,
+    cipher: PageCipher | None = None,
 ) -> ScanReport:
     """Index every page under `pages_dir`.
 
@@ -106,7 +124,9 @@ def rebuild_index(
     reading it (its checksum is still verified on every read); any other page has
     its header read and checked against its file name. Temp files are debris from
     writers that died mid-write: the directory lock guarantees no live writer owns
-    them, so they are deleted.
+    them, so they are deleted. A scanned page that `cipher`'s policy cannot read
+    (plaintext when encryption is required, sealed with no key or another key) is
+    reported corrupt, for the caller to quarantine.
     """
     found, temps, foreign = walk_pages(pages_dir)
     report = ScanReport(entries=[], corrupt=[], foreign=foreign)
@@ -124,6 +144,7 @@ def rebuild_index(
         found, desc="symram disk index", unit="page", disable=len(found) < progress_min_files
     )
     for f in progress:
+        report.modes_tightened += _tighten(f)
         key = key_from_name(f.path.name)
         if key is None:
             report.corrupt.append((f.path, PageCorrupt("bad-name", f"{f.rel} is not a key")))
@@ -141,7 +162,9 @@ def rebuild_index(
             report.from_manifest += 1
             continue
         try:
-            entry = read_entry(f, key, io, header_buf)
+            header = read_header(f, key, io, header_buf)
+            check_readable(header, cipher)
+            entry = entry_of(header)
         except PageCorrupt as exc:
             report.corrupt.append((f.path, exc))
             continue
@@ -157,12 +180,32 @@ def rebuild_index(
     return report
 
 
-def read_entry(f: FoundFile, key: BlockKey, io: FileIO, header_buf: AlignedBuffer) -> DiskEntry:
+def _tighten(f: FoundFile) -> int:
+    """chmod 600 a page file that group or others could read (written by an older
+    version); 1 if changed. Best effort: a file we do not own stays as it is."""
+    if not f.mode & 0o077:
+        return 0
+    try:
+        os.chmod(f.path, FILE_MODE)
+    except OSError as exc:
+        logger.warning("cannot make %s private (chmod 600): %s", f.path, exc)
+        return 0
+    return 1
+
+
+def read_header(f: FoundFile, key: BlockKey, io: FileIO, header_buf: AlignedBuffer) -> PageHeader:
+    """`f`'s header, checked against its name and size (not against any key policy:
+    ``symram snapshot`` indexes sealed pages without holding the key). Raises
+    PageCorrupt."""
     n = io.read_into(f.path, [header_buf.view(HEADER_BYTES)])
     if n < HEADER_BYTES:
         raise PageCorrupt("truncated", f"{f.rel}: {n} bytes, shorter than a header")
     header = unpack_header(header_buf.view(HEADER_BYTES))
     verify(header, key, f.size)
+    return header
+
+
+def entry_of(header: PageHeader) -> DiskEntry:
     return DiskEntry(
         header.file_bytes, header.payload_len, header.payload_crc, header.codec, header.position
     )
@@ -257,7 +300,9 @@ def store_id(base: Path) -> str | None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{STORE_ID_NAME}.{os.urandom(8).hex()}{TMP_SUFFIX}")
-            tmp.write_text(os.urandom(16).hex())
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            with os.fdopen(fd, "w") as f:
+                f.write(os.urandom(16).hex())
             try:
                 os.link(tmp, path)  # atomic, and never replaces another engine's id
             except FileExistsError:

@@ -7,6 +7,10 @@ a reader sees a complete page or no file, never a torn one. Every read is verifi
 anyway (header CRC, key, codec, length, payload CRC32) before its bytes count, and a
 page that fails is a miss, counted, and left alone: the file belongs to its owner,
 which quarantines it on its own next read.
+
+With a ``cipher`` the same policy as the owner's applies: a sealed page must
+authenticate under this engine's key (and AAD binds it to its key), and with
+encryption required a plaintext peer page is refused.
 """
 
 from __future__ import annotations
@@ -16,19 +20,25 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from symram_vllm.codecs.base import CorruptPageError
+from symram_vllm.codecs.zstd import ZstdCodec
 from symram_vllm.keys import BlockKey
 from symram_vllm.tiers.aligned_io import tensor_memoryview
+from symram_vllm.tiers.crypto import TAG_BYTES, PageCipher
 from symram_vllm.tiers.disk_layout import rank_slot_directories, relative_page_path
 from symram_vllm.tiers.page_format import (
     HEADER_BYTES,
     PageCorrupt,
+    PageHeader,
+    check_readable,
+    open_sealed,
     unpack_header,
     verify,
     verify_payload,
+    zstd_codec_name,
 )
 
 logger = logging.getLogger(__name__)
@@ -48,6 +58,7 @@ class PeerDiskReader:
         own_root: Path | None,
         codec: str = "none",
         rescan_s: float = 2.0,
+        cipher: PageCipher | None = None,
     ) -> None:
         self.base = Path(base)
         self.namespace = namespace
@@ -55,13 +66,15 @@ class PeerDiskReader:
         self.own_root = Path(own_root).resolve() if own_root is not None else None
         self.codec = codec
         self.rescan_s = rescan_s
+        self.cipher = cipher
         self._lock = threading.Lock()
         self._roots: list[Path] = []
         self._scanned_at = float("-inf")
-        self._header = threading.local()
-        self._zstd: Any = None  # built on the first compressed page
+        self._local = threading.local()
+        self._zstd: ZstdCodec | None = None  # built on the first compressed page
         self.counters: dict[str, int] = dict.fromkeys(
-            ("hits", "misses", "integrity_failures", "unsupported", "read_errors", "bytes_read"),
+            ("hits", "misses", "integrity_failures", "unsupported", "read_errors", "bytes_read",
+             "auth_failures"),
             0,
         )
 
@@ -103,15 +116,17 @@ class PeerDiskReader:
         self._count("misses")
         return False
 
-    def _header_buf(self) -> bytearray:
-        buf = getattr(self._header, "buf", None)
-        if buf is None:
-            buf = self._header.buf = bytearray(HEADER_BYTES)
+    def _buffer(self, name: str, nbytes: int) -> bytearray:
+        """This thread's scratch buffer `name`, at least `nbytes` long."""
+        buf: bytearray | None = getattr(self._local, name, None)
+        if buf is None or len(buf) < nbytes:
+            buf = bytearray(nbytes)
+            setattr(self._local, name, buf)
         return buf
 
     def _read_one(self, path: Path, key: BlockKey, out: torch.Tensor) -> bool:
         length = out.numel()
-        header_buf = self._header_buf()
+        header_buf = self._buffer("header", HEADER_BYTES)
         dst = tensor_memoryview(out)[:length]
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -123,25 +138,32 @@ class PeerDiskReader:
             return False
         try:
             size = os.fstat(fd).st_size
-            n = os.preadv(fd, [header_buf, dst], 0)
-            header = unpack_header(memoryview(header_buf))
+            # Without a cipher, pages are plaintext: the payload lands in `out` at once.
+            head = memoryview(header_buf)[:HEADER_BYTES]
+            n = os.preadv(fd, [head] if self.cipher is not None else [head, dst], 0)
+            header = unpack_header(memoryview(header_buf)[:HEADER_BYTES])
             verify(header, key, size)
             if header.payload_len != length:
                 self._count("unsupported")
                 return False
-            if getattr(header, "stored_len", None) is not None:
-                # The owner's disk tier stored it zstd-compressed.
-                return self._read_compressed(fd, header, dst)
-            if header.codec != self.codec:
+            expected = self.codec if header.stored_len is None else zstd_codec_name(self.codec)
+            if header.codec != expected:
                 # Another page format: not ours to decode.
                 self._count("unsupported")
                 return False
+            check_readable(header, self.cipher)
+            if header.sealed or header.compressed:
+                return self._read_stored(fd, header, dst)
+            if self.cipher is not None:  # a plaintext page with encryption optional
+                n += os.preadv(fd, [dst], HEADER_BYTES)
             if n < HEADER_BYTES + length:
                 need = HEADER_BYTES + length
                 raise PageCorrupt("truncated", f"{n} bytes read, page needs {need}")
             verify_payload(header, dst)
         except PageCorrupt as exc:
             self._count("integrity_failures")
+            if exc.reason == "auth":
+                self._count("auth_failures")
             logger.warning("symram: peer page %s failed verification (%s); not used", path, exc)
             return False
         except OSError as exc:
@@ -152,22 +174,24 @@ class PeerDiskReader:
             os.close(fd)
         return True
 
-    def _read_compressed(self, fd: int, header: object, dst: memoryview) -> bool:
-        """A zstd page: read the frame, check its CRC32, decompress into `dst`."""
-        from symram_vllm.tiers import page_format
-
-        namer = getattr(page_format, "zstd_codec_name", None)
-        if namer is None or header.codec != namer(self.codec):  # type: ignore[attr-defined]
-            self._count("unsupported")
-            return False
-        stored = int(header.stored_len)  # type: ignore[attr-defined]
-        frame = bytearray(stored)
-        if os.preadv(fd, [frame], HEADER_BYTES) < stored:
-            raise PageCorrupt("truncated", f"zstd frame of {stored} bytes cut short")
-        verify_payload(header, memoryview(frame))  # type: ignore[arg-type]
-        from symram_vllm.codecs.base import CorruptPageError
-        from symram_vllm.codecs.zstd import ZstdCodec
-
+    def _read_stored(self, fd: int, header: PageHeader, dst: memoryview) -> bool:
+        """A sealed and/or zstd page: read its stored bytes, open (AES-GCM) or check
+        (CRC32) them, decompress a zstd frame into `dst`."""
+        stored = header.stored_bytes
+        raw = memoryview(self._buffer("stored", stored + TAG_BYTES))
+        if os.preadv(fd, [raw[:stored]], HEADER_BYTES) < stored:
+            raise PageCorrupt("truncated", f"{stored} stored bytes cut short")
+        if header.sealed:
+            assert self.cipher is not None  # check_readable refused it otherwise
+            target = dst if not header.compressed else memoryview(
+                self._buffer("opened", stored))[:stored]
+            open_sealed(header, self.cipher, raw[: stored + TAG_BYTES], target)
+            frame = target
+        else:
+            frame = raw[:stored]
+            verify_payload(header, frame)
+        if not header.compressed:
+            return True
         if self._zstd is None:
             self._zstd = ZstdCodec()
         try:

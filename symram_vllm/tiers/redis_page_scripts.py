@@ -10,6 +10,14 @@ blocks with a directory lease (``lease:<chain-hex>``), so a page another instanc
 has been promised stays until the lease ends. Victim keys are built inside the
 scripts from the namespace prefix: they share the hash tag, so they live on the
 same Cluster node.
+
+Bookkeeping keys of the wrong type (a hand edit, another program writing into the
+namespace: ``lru`` turned into a hash) would make every script fail with WRONGTYPE
+and switch the tier off until a person deleted them. So every script first checks the
+three types (one TYPE each, microseconds) and ``repair`` rebuilds what is wrong from
+the page keys themselves (one SCAN of the namespace, rare): sizes from STRLEN, the LRU
+with every page as recent as now, ``used`` as the sum of sizes. Scripts return how
+many keys they repaired, and the tier counts it.
 """
 
 from __future__ import annotations
@@ -32,16 +40,67 @@ local function set_used(key, n)
   if n < 0 then n = 0 end
   redis.call('SET', key, string.format('%d', n))
 end
+
+local function type_ok(key, want)
+  local t = redis.call('TYPE', key)['ok']
+  return t == 'none' or t == want
+end
+
+-- Reset bookkeeping keys of the wrong type and rebuild them from the page keys.
+-- Returns the number of keys that were of the wrong type (0: nothing done).
+local function repair(prefix, lru, sizes, used_key)
+  local bad = 0
+  local bad_lru = not type_ok(lru, 'zset')
+  local bad_sizes = not type_ok(sizes, 'hash')
+  if bad_lru then redis.call('DEL', lru); bad = bad + 1 end
+  if bad_sizes then redis.call('DEL', sizes); bad = bad + 1 end
+  if not type_ok(used_key, 'string') then redis.call('DEL', used_key); bad = bad + 1 end
+  if bad == 0 then return 0 end
+  local now = now_ms()
+  local pattern = string.gsub(prefix, '([%*%?%[%]\\])', '\\%1') .. 'page:*'
+  local first = string.len(prefix) + 6
+  local seen = {}
+  local cursor = '0'
+  repeat
+    local reply = redis.call('SCAN', cursor, 'MATCH', pattern, 'COUNT', 1000)
+    cursor = reply[1]
+    for _, k in ipairs(reply[2]) do
+      local member = string.sub(k, first)
+      if redis.call('TYPE', k)['ok'] == 'string' then
+        seen[member] = true
+        if redis.call('HEXISTS', sizes, member) == 0 then
+          redis.call('HSET', sizes, member, redis.call('STRLEN', k))
+        end
+        redis.call('ZADD', lru, 'NX', now, member)
+      else
+        redis.call('DEL', k)
+      end
+    end
+  until cursor == '0'
+  local total = 0
+  local recorded = redis.call('HGETALL', sizes)
+  for i = 1, #recorded, 2 do
+    if seen[recorded[i]] then
+      total = total + (tonumber(recorded[i + 1]) or 0)
+    else
+      redis.call('HDEL', sizes, recorded[i])
+      redis.call('ZREM', lru, recorded[i])
+    end
+  end
+  set_used(used_key, total)
+  return bad
+end
 """
 
 # KEYS: page, lru, used, pagesz. ARGV: value, member, capacity, prefix, max victims
-# scanned. Returns {stored (0/1), evicted member...}.
+# scanned. Returns {stored (0/1), keys repaired, evicted member...}.
 SET_PAGE = _PRELUDE + r"""
 local page, lru, used_key, sizes = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local value, member, capacity = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local prefix, max_scan = ARGV[4], tonumber(ARGV[5])
+local repaired = repair(prefix, lru, sizes, used_key)
 local size = string.len(value)
-if size > capacity then return {0} end
+if size > capacity then return {0, repaired} end
 local mine = charged(sizes, member)
 local used = get_used(used_key) - mine
 local evicted, skipped, scanned = {}, 0, 0
@@ -70,30 +129,34 @@ if redis.call('ZCARD', lru) == 0 then
 end
 if used + size > capacity then
   set_used(used_key, used + mine)
-  return {0, unpack(evicted)}
+  return {0, repaired, unpack(evicted)}
 end
 redis.call('DEL', page)
 redis.call('SET', page, value)
 redis.call('ZADD', lru, now_ms(), member)
 redis.call('HSET', sizes, member, size)
 set_used(used_key, used + size)
-return {1, unpack(evicted)}
+return {1, repaired, unpack(evicted)}
 """
 
-# KEYS: page, lru. ARGV: member. The value (or false); a hit refreshes its LRU score.
+# KEYS: page, lru, used, pagesz. ARGV: member, prefix. Returns {keys repaired, the value
+# or nil}; a hit refreshes its LRU score.
 GET_PAGE = _PRELUDE + r"""
+local repaired = repair(ARGV[2], KEYS[2], KEYS[4], KEYS[3])
 local value = redis.pcall('GET', KEYS[1])
-if type(value) ~= 'string' then return false end
+if type(value) ~= 'string' then return {repaired} end
 redis.call('ZADD', KEYS[2], 'XX', now_ms(), ARGV[1])
-return value
+return {repaired, value}
 """
 
-# KEYS: page, lru, used, pagesz. ARGV: member. Returns 1 if a page was deleted.
+# KEYS: page, lru, used, pagesz. ARGV: member, prefix. Returns {1 if a page was deleted,
+# keys repaired}.
 DELETE_PAGE = _PRELUDE + r"""
+local repaired = repair(ARGV[2], KEYS[2], KEYS[4], KEYS[3])
 local n = charged(KEYS[4], ARGV[1])
 local existed = redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[4], ARGV[1])
 set_used(KEYS[3], get_used(KEYS[3]) - n)
-return existed
+return {existed, repaired}
 """

@@ -39,7 +39,7 @@ import torch
 
 from symram_vllm.keys import BlockKey
 from symram_vllm.policy import BlockLedger, EvictionPolicy, PlacementPolicy, PolicyConfig
-from symram_vllm.snapshot import ManifestEntry, read_manifest, write_manifest
+from symram_vllm.snapshot import ManifestEntry, read_manifest, snapshot_secret, write_manifest
 from symram_vllm.tiers.disk import DiskTier
 from symram_vllm.tiers.disk_layout import relative_page_path
 from symram_vllm.tiers.dram import DramTier, DramTierFull
@@ -626,13 +626,15 @@ class TierStack:
             for key, entry in self.disk.index_snapshot()
         )
         path = Path(path)
-        write_manifest(path, entries, meta={"kind": "tier-stack"}, secret=secret)
+        write_manifest(path, entries, meta={"kind": "tier-stack"},
+                       secret=secret or snapshot_secret())
         return path
 
     def restore(self, path: str | Path, *, secret: bytes | None = None) -> int:
-        """Verify a snapshot (raises ``ManifestError`` on a broken chain) and promote
-        the pages it lists as DRAM-resident. Returns how many were promoted."""
-        manifest = read_manifest(path, secret=secret)
+        """Verify a snapshot (raises ``ManifestError`` on a broken chain; with a snapshot
+        key, default $SYMRAM_SNAPSHOT_KEY, on an unsigned one) and promote the pages it
+        lists as DRAM-resident. Returns how many were promoted."""
+        manifest = read_manifest(path, secret=secret or snapshot_secret())
         promoted = 0
         for item in manifest.entries:
             key = BlockKey.from_hex(item.key)

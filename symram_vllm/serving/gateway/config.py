@@ -118,6 +118,11 @@ class ApiKeyConfig(BaseModel):
 class RoutingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     lookup_timeout_s: float = Field(default=0.15, gt=0, description="Per-instance lookup budget")
+    directory_url: str | None = Field(
+        default=None, description="The engines' shared Redis directory (redis://, rediss://, "
+        "redis+cluster://): prefix lookups read it in one round trip; the control endpoints "
+        "are the fallback. Unset = ask the control endpoints.")
+    directory_timeout_s: float = Field(default=0.25, gt=0, description="Directory lookup budget")
     tokenize_timeout_s: float = Field(default=2.0, gt=0)
     load_penalty_tokens: float = Field(
         default=512, ge=0,
