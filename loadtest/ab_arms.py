@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,8 +98,10 @@ def build_arms(
     env = {"SYMRAM_INSTANCE_ID": "ab-symram"}
     gateway = use_gateway and gateway_available()
     control_port = free_port()
+    control_token = secrets.token_urlsafe(32)
     if gateway:
         env["SYMRAM_CONTROL_PORT"] = str(control_port)
+        env["SYMRAM_CONTROL_TOKEN"] = control_token
     if disk_dir is not None:
         disk_dir.mkdir(parents=True, exist_ok=True)
         env |= {"SYMRAM_DISK_PATH": str(disk_dir), "SYMRAM_DISK_BYTES": disk_bytes}
@@ -114,7 +117,8 @@ def build_arms(
             "gateway", gateway_command(
                 gw_port, [Backend(engine_url, f"http://127.0.0.1:{control_port}", "symram")]),
             log_dir / "ab_gateway.log",
-            http_health(f"http://127.0.0.1:{gw_port}/health"), ports=[gw_port], stop_level=0))
+            http_health(f"http://127.0.0.1:{gw_port}/health"), ports=[gw_port], stop_level=0,
+            env={"SYMRAM_GATEWAY_CONTROL_TOKEN": control_token}))
         arms["symram"] = Arm("symram", f"http://127.0.0.1:{gw_port}", engine_url,
                              "gateway -> engine", [engine, gw])
     else:

@@ -310,7 +310,8 @@ def start_gateway(name: str, stub_port: int, routed: bool, logdir: Path) -> Proc
     _wait_ready(proc, "/health")
     if routed:  # wait until the gateway has the stub's control info (prefix lookups on)
         deadline = time.monotonic() + 30
-        while not all(b["control_ok"] for b in _get_json(port, "/health")["backends"]):
+        while not all(b["control_ok"]
+                      for b in _get_json(port, "/dashboard/data")["instances"]):
             if time.monotonic() > deadline:
                 raise RuntimeError("routed gateway never reached the stub's control endpoint")
             time.sleep(0.1)
@@ -558,8 +559,9 @@ async def hold_streams(port: int, stub_port: int, streams: int, events: int,
         loop = asyncio.get_running_loop()
         while True:
             with contextlib.suppress(Exception):
-                health = await loop.run_in_executor(None, _get_json, port, "/health", 5.0)
-                inflight = sum(b["inflight"] for b in health["backends"])
+                health = await loop.run_in_executor(None, _get_json, port, "/dashboard/data",
+                                                    5.0)
+                inflight = sum(b["inflight"] for b in health["instances"])
                 results.gateway_peak_inflight = max(results.gateway_peak_inflight, inflight)
             await asyncio.sleep(0.5)
 

@@ -39,7 +39,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -215,6 +215,23 @@ class SymramConfig(BaseSettings):
         "and the CLI; rank r listens on control_port + r. 0 = off.",
     )
     control_host: str = Field(default="127.0.0.1", description="Control endpoint bind address.")
+    # Control-plane security (issue J); the gateway sends the same token.
+    control_token: SecretStr | None = Field(
+        default=None,
+        description="Shared token the gateway sends to the control endpoint (>= 16 chars); "
+        "without it (or control_token_file) the endpoint does not start.",
+    )
+    control_token_file: Path | None = Field(
+        default=None, description="File holding control_token (a mounted secret)."
+    )
+    control_rate_per_client: float = Field(
+        default=100.0, gt=0, description="Control requests per second per client address."
+    )
+    control_cpu_share: float = Field(
+        default=0.05, gt=0, le=1,
+        description="Share of wall time the control endpoint's handlers may run in the "
+        "worker process (over it, requests wait).",
+    )
     directory_url: str | None = Field(
         default=None,
         description="Shared block directory: redis://host:6379/0, rediss:// (TLS), "

@@ -17,16 +17,21 @@ It knows the ``TierStack`` and nothing of vLLM. Endpoints (JSON):
 * ``POST /symram/unpin``     ``{"keys": [...]}`` -> ``{"requested"}``
 * ``GET|POST /symram/bypass`` the kill switch (``symram_vllm.bypass``):
   ``{"active": true, "reason": "..."}`` -> ``{"active", "changed", "by", "reason"}``
-* ``GET  /health``           ``{"ok": true}``
+* ``GET  /health``           ``{"ok": true}`` (the only path open without the token)
+
+Every other path needs the shared control token, and all of them sit behind
+``control_guard.ControlGuard`` (body size, per-client rate, CPU budget). Handlers are
+``async``: they run on the server's one event-loop thread, whose CPU time the guard
+budgets, instead of on a pool of threads competing with the worker for the GIL.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import threading
 import time
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
@@ -34,11 +39,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from symram_vllm.control_guard import ControlGuard, ControlLimits
 from symram_vllm.keys import KEY_BYTES, BlockKey
 
 logger = logging.getLogger(__name__)
 
-MAX_KEYS = 16384  # 2M tokens at vLLM's CPU block size of 128: longer than any context
+# 16k tokens at block size 16, 128k at vLLM's CPU block size of 128: enough to pick the
+# engine holding a prompt's head. The gateway sends at most this many (max_lookup_blocks).
+MAX_KEYS = 1024
 MAX_WAIT_S = 10.0
 INFO_FIELDS = ("instance_id", "signature_digest", "block_size", "tp_size", "codec", "model")
 
@@ -111,15 +119,15 @@ def build_control_app(stack: StackLike, rank: int, info: dict[str, Any]) -> Fast
         return n
 
     @app.get("/health")
-    def health() -> dict[str, bool]:
+    async def health() -> dict[str, bool]:
         return {"ok": True}
 
     @app.get("/symram/info")
-    def get_info() -> dict[str, Any]:
+    async def get_info() -> dict[str, Any]:
         return identity
 
     @app.post("/symram/lookup")
-    def lookup(body: LookupBody) -> dict[str, int]:
+    async def lookup(body: LookupBody) -> dict[str, int]:
         keys = keys_of(body)
         disk_tier = getattr(stack, "disk", None)
         dram = disk = held = 0
@@ -142,17 +150,28 @@ def build_control_app(stack: StackLike, rank: int, info: dict[str, Any]) -> Fast
         return {"dram": dram, "disk": disk, "any": held}
 
     @app.post("/symram/prefetch")
-    def prefetch(body: PrefetchBody) -> dict[str, Any]:
+    async def prefetch(body: PrefetchBody, request: Request) -> dict[str, Any]:
         keys = keys_of(body)
-        before = sum(stack.where(k) == "dram" for k in keys)
+        tiers = [stack.where(k) for k in keys]
+        before = tiers.count("dram")
+        # Only pages on disk go to the prefetch pool: keys held nowhere cost nothing
+        # there (its threads are outside the guard's CPU budget).
+        on_disk = [k for k, tier in zip(keys, tiers, strict=True) if tier == "disk"]
         started = time.monotonic()
-        future = stack.prefetch(keys)
         done = True
-        try:
-            resident = int(future.result(timeout=body.wait_s))
-        except FutureTimeout:
-            done = False  # keeps running; the load that follows finds what it finished
-            resident = sum(stack.where(k) == "dram" for k in keys)
+        resident = before
+        if on_disk:
+            waiting = asyncio.wrap_future(stack.prefetch(on_disk))
+            # asyncio.wait, not wait_for: a timeout must not cancel the promotion.
+            t0 = time.perf_counter()
+            finished, _ = await asyncio.wait({waiting}, timeout=body.wait_s)
+            # Waiting holds no GIL: not charged to the guard's time budget.
+            waited = getattr(request.state, "symram_waited_s", 0.0)
+            request.state.symram_waited_s = waited + time.perf_counter() - t0
+            done = bool(finished)
+            # Unfinished, it keeps running; the load that follows finds what it finished.
+            resident = (before + int(waiting.result()) if done
+                        else sum(stack.where(k) == "dram" for k in keys))
         return {
             "requested": len(keys),
             "dram_resident": resident,
@@ -162,7 +181,7 @@ def build_control_app(stack: StackLike, rank: int, info: dict[str, Any]) -> Fast
         }
 
     @app.get("/symram/stats")
-    def stats() -> dict[str, float]:
+    async def stats() -> dict[str, float]:
         return stack.stats()
 
     add_operator_routes(app, stack, keys_of)
@@ -170,15 +189,19 @@ def build_control_app(stack: StackLike, rank: int, info: dict[str, Any]) -> Fast
 
 
 class ControlServer:
-    """Runs the control app under uvicorn in a daemon thread."""
+    """Runs the control app, behind its guard, under uvicorn in a daemon thread.
 
-    def __init__(self, stack: StackLike, *, rank: int = 0, info: dict[str, Any] | None = None):
+    `token` is required (ValueError naming the setting otherwise)."""
+
+    def __init__(self, stack: StackLike, *, token: str | None, rank: int = 0,
+                 info: dict[str, Any] | None = None, limits: ControlLimits | None = None):
         info = dict(info or {})
         missing = [name for name in INFO_FIELDS if name not in info]
         if missing:
             logger.warning("symram control: info lacks %s", ", ".join(missing))
         self.rank = rank
         self.app = build_control_app(stack, rank, info)
+        self.guard = ControlGuard(self.app, token or "", limits)
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.url: str | None = None
@@ -201,12 +224,12 @@ class ControlServer:
                 exc.errno, f"symram control endpoint cannot listen on {host}:{port}: "
                 f"{exc.strerror or exc} (is another engine or rank using this port?)"
             ) from exc
-        sock.listen(128)
+        sock.listen(64)
         sock.setblocking(False)
         bound_port = sock.getsockname()[1]
         config = uvicorn.Config(
-            self.app, loop="asyncio", http="h11", lifespan="off", log_level="warning",
-            access_log=False,
+            self.guard, loop="asyncio", http="h11", lifespan="off", log_level="warning",
+            access_log=False, limit_concurrency=128, timeout_keep_alive=5,
         )
         server = uvicorn.Server(config)
         # uvicorn installs signal handlers only on the main thread: the engine's stay.
@@ -256,7 +279,7 @@ def add_operator_routes(app: FastAPI, stack: Any, keys_of: Any) -> None:
     from symram_vllm import bypass
 
     @app.post("/symram/pin")
-    def pin(body: PinBody) -> dict[str, Any]:
+    async def pin(body: PinBody) -> dict[str, Any]:
         keys = keys_of(body)
         pinned = sum(bool(stack.pin(key, body.ttl_s)) for key in keys)
         logger.info("symram control: pinned %d of %d blocks for %.0f s", pinned, len(keys),
@@ -264,19 +287,19 @@ def add_operator_routes(app: FastAPI, stack: Any, keys_of: Any) -> None:
         return {"requested": len(keys), "pinned": pinned, "ttl_s": body.ttl_s}
 
     @app.post("/symram/unpin")
-    def unpin(body: LookupBody) -> dict[str, Any]:
+    async def unpin(body: LookupBody) -> dict[str, Any]:
         keys = keys_of(body)
         for key in keys:
             stack.unpin(key)
         return {"requested": len(keys)}
 
     @app.get("/symram/bypass")
-    def bypass_state() -> dict[str, Any]:
+    async def bypass_state() -> dict[str, Any]:
         state = bypass.switch().state()
         return {"active": state is not None, **(state or {})}
 
     @app.post("/symram/bypass")
-    def set_bypass(body: BypassBody, request: Request) -> dict[str, Any]:
+    async def set_bypass(body: BypassBody, request: Request) -> dict[str, Any]:
         client = request.client.host if request.client else "unknown"
         who = f"{body.by} from {client}" if body.by else client
         return bypass.switch().set(body.active, by=who, reason=body.reason)

@@ -27,15 +27,41 @@ class OpsError(RuntimeError):
     """A control endpoint could not be reached or refused; the message says which."""
 
 
-def control_base(given: str | None) -> str:
-    if given:
-        return given.rstrip("/")
+def _local_config() -> Any:
     from symram_vllm.config import ConfigError, load_config
 
     try:
-        config = load_config()
+        return load_config()
     except ConfigError as exc:
-        raise OpsError(f"no --control given and the local config is invalid: {exc}") from exc
+        raise OpsError(f"the local config is invalid: {exc}") from exc
+
+
+def control_token(given: str | None) -> str | None:
+    """--token, else the local config's control_token / control_token_file (the value the
+    engine was given, e.g. SYMRAM_CONTROL_TOKEN)."""
+    if given:
+        return given
+    config = _local_config()
+    if config.control_token is not None:
+        return str(config.control_token.get_secret_value())
+    if config.control_token_file is not None:
+        try:
+            return config.control_token_file.read_text().strip()
+        except OSError as exc:
+            raise OpsError(f"cannot read control_token_file: {exc}") from exc
+    return None
+
+
+def client(args: argparse.Namespace) -> httpx.Client:
+    token = control_token(getattr(args, "token", None))
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(timeout=TIMEOUT_S, trust_env=False, headers=headers)
+
+
+def control_base(given: str | None) -> str:
+    if given:
+        return given.rstrip("/")
+    config = _local_config()
     if not config.control_port:
         raise OpsError("no --control URL given and control_port is not set in the local "
                        "config (SYMRAM_CONTROL_PORT); pass --control http://HOST:PORT")
@@ -43,9 +69,9 @@ def control_base(given: str | None) -> str:
     return f"http://{host}:{config.control_port}"
 
 
-def _call(client: httpx.Client, method: str, url: str, body: Any = None) -> Any:
+def _call(http: httpx.Client, method: str, url: str, body: Any = None) -> Any:
     try:
-        response = client.request(method, url, json=body)
+        response = http.request(method, url, json=body)
     except httpx.HTTPError as exc:
         raise OpsError(f"cannot reach {url}: {type(exc).__name__}: {exc} (is the engine "
                        "running with control_port set?)") from exc
@@ -53,6 +79,9 @@ def _call(client: httpx.Client, method: str, url: str, body: Any = None) -> Any:
         data = response.json()
     except ValueError:
         data = None
+    if response.status_code == 401:
+        raise OpsError(f"{url}: the control endpoint refused the token: pass --token, or set "
+                       "control_token (SYMRAM_CONTROL_TOKEN) as on the engine")
     if response.status_code >= 400:
         message = (data or {}).get("error", {}).get("message") if isinstance(data, dict) \
             else None
@@ -60,9 +89,9 @@ def _call(client: httpx.Client, method: str, url: str, body: Any = None) -> Any:
     return data
 
 
-def rank_urls(client: httpx.Client, base: str) -> tuple[dict[str, Any], list[str]]:
+def rank_urls(http: httpx.Client, base: str) -> tuple[dict[str, Any], list[str]]:
     """(rank 0's info, the control URL of every rank)."""
-    info = _call(client, "GET", f"{base}/symram/info")
+    info = _call(http, "GET", f"{base}/symram/info")
     parts = urlsplit(base)
     tp = int(info.get("tp_size") or 1)
     port = parts.port or 80
@@ -71,14 +100,14 @@ def rank_urls(client: httpx.Client, base: str) -> tuple[dict[str, Any], list[str
     return info, urls
 
 
-def prompt_keys(client: httpx.Client, engine: str, info: dict[str, Any], prompt: str,
+def prompt_keys(http: httpx.Client, engine: str, info: dict[str, Any], prompt: str,
                 chat: bool, model: str | None) -> tuple[list[int], list[bytes]]:
     from symram_vllm.serving.gateway.config import DEFAULT_NONE_HASH_SEED
     from symram_vllm.serving.gateway.keys import tier_keys
 
     engine = engine.rstrip("/")
     if model is None:
-        models = _call(client, "GET", f"{engine}/v1/models").get("data") or []
+        models = _call(http, "GET", f"{engine}/v1/models").get("data") or []
         if not models:
             raise OpsError(f"{engine}/v1/models lists no model; pass --model")
         model = str(models[0]["id"])
@@ -87,7 +116,7 @@ def prompt_keys(client: httpx.Client, engine: str, info: dict[str, Any], prompt:
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
         body["prompt"] = prompt
-    tokens = _call(client, "POST", f"{engine}/tokenize", body)["tokens"]
+    tokens = _call(http, "POST", f"{engine}/tokenize", body)["tokens"]
     seed = info.get("none_hash_seed") or DEFAULT_NONE_HASH_SEED
     keys = tier_keys(tokens, str(info["signature_digest"]), int(info["block_size"]), None,
                      seed=seed)
@@ -127,9 +156,9 @@ def _gib(n: float) -> str:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    with httpx.Client(timeout=TIMEOUT_S, trust_env=False) as client:
-        info, urls = rank_urls(client, control_base(args.control))
-        per_rank = [_call(client, "GET", f"{url}/symram/stats") for url in urls]
+    with client(args) as http:
+        info, urls = rank_urls(http, control_base(args.control))
+        per_rank = [_call(http, "GET", f"{url}/symram/stats") for url in urls]
     summary = summarize(per_rank)
     if args.json:
         print(json.dumps({"info": info, "summary": summary, "ranks": per_rank}, indent=2))
@@ -149,17 +178,17 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lookup_all(client: httpx.Client, urls: list[str], keys: list[bytes]) -> list[dict]:
+def _lookup_all(http: httpx.Client, urls: list[str], keys: list[bytes]) -> list[dict]:
     body = {"keys": [k.hex() for k in keys]}
-    return [_call(client, "POST", f"{url}/symram/lookup", body) for url in urls]
+    return [_call(http, "POST", f"{url}/symram/lookup", body) for url in urls]
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    with httpx.Client(timeout=TIMEOUT_S, trust_env=False) as client:
-        info, urls = rank_urls(client, control_base(args.control))
-        tokens, keys = prompt_keys(client, args.engine, info, args.prompt, args.chat,
+    with client(args) as http:
+        info, urls = rank_urls(http, control_base(args.control))
+        tokens, keys = prompt_keys(http, args.engine, info, args.prompt, args.chat,
                                    args.model)
-        held = _lookup_all(client, urls, keys) if keys else [{"dram": 0, "disk": 0, "any": 0}
+        held = _lookup_all(http, urls, keys) if keys else [{"dram": 0, "disk": 0, "any": 0}
                                                                for _ in urls]
     block = int(info["block_size"])
     # A prefix is usable only as far as every rank holds it.
@@ -179,9 +208,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_pin(args: argparse.Namespace) -> int:
-    with httpx.Client(timeout=TIMEOUT_S, trust_env=False) as client:
-        info, urls = rank_urls(client, control_base(args.control))
-        _, keys = prompt_keys(client, args.engine, info, args.prompt, args.chat, args.model)
+    with client(args) as http:
+        info, urls = rank_urls(http, control_base(args.control))
+        _, keys = prompt_keys(http, args.engine, info, args.prompt, args.chat, args.model)
         if not keys:
             print("symram pin: the prompt has no full block; nothing to pin", file=sys.stderr)
             return 1
@@ -189,7 +218,7 @@ def cmd_pin(args: argparse.Namespace) -> int:
         path = "unpin" if args.unpin else "pin"
         if not args.unpin:
             body["ttl_s"] = args.ttl
-        results = [_call(client, "POST", f"{url}/symram/{path}", body) for url in urls]
+        results = [_call(http, "POST", f"{url}/symram/{path}", body) for url in urls]
     if args.unpin:
         print(f"unpinned {len(keys)} blocks on {len(urls)} rank(s)")
     else:
@@ -201,14 +230,14 @@ def cmd_pin(args: argparse.Namespace) -> int:
 
 
 def cmd_bypass(args: argparse.Namespace) -> int:
-    with httpx.Client(timeout=TIMEOUT_S, trust_env=False) as client:
-        _, urls = rank_urls(client, control_base(args.control))
+    with client(args) as http:
+        _, urls = rank_urls(http, control_base(args.control))
         if args.state == "status":
-            states = [_call(client, "GET", f"{url}/symram/bypass") for url in urls]
+            states = [_call(http, "GET", f"{url}/symram/bypass") for url in urls]
         else:
             body = {"active": args.state == "on", "reason": args.reason or "",
                     "by": args.by or ""}
-            states = [_call(client, "POST", f"{url}/symram/bypass", body) for url in urls]
+            states = [_call(http, "POST", f"{url}/symram/bypass", body) for url in urls]
     active = [bool(s.get("active")) for s in states]
     if args.state == "status":
         print("bypass is " + ("ON" if all(active) else "off" if not any(active) else
@@ -233,6 +262,8 @@ def add_commands(sub: Any) -> None:
     def control(p: argparse.ArgumentParser) -> None:
         p.add_argument("--control", metavar="URL",
                        help="rank 0's control endpoint (default: from the local config)")
+        p.add_argument("--token", help="the engines' control token (default: control_token "
+                       "or control_token_file of the local config, SYMRAM_CONTROL_TOKEN)")
 
     def prompt(p: argparse.ArgumentParser) -> None:
         p.add_argument("prompt", help="the prompt text")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -182,6 +183,12 @@ def test_compose_engines_resolve_to_the_redis_service_all_interfaces_and_the_vol
     compose = yaml.safe_load((ROOT / "deploy" / "docker" / "docker-compose.yml").read_text())
     engine = compose["services"]["engine-0"]
     env = {k: str(v) for k, v in engine["environment"].items()}
+    # The entrypoint adds the directory URL with the Redis password from its secret.
+    script = " ".join(engine.get("entrypoint") or [])
+    exported = re.search(r'export SYMRAM_DIRECTORY_URL=\\?"([^"\\]+)', script)
+    if exported:
+        env["SYMRAM_DIRECTORY_URL"] = re.sub(r"\$\$\(cat [^)]+\)", "s3cret",
+                                             exported.group(1))
     mounts = dict(reversed(v.split(":")[:2]) for v in engine["volumes"])
     profile = (ROOT / "deploy" / "docker" / mounts[env["SYMRAM_CONFIG"]]).resolve()
     env["SYMRAM_CONFIG"] = str(profile)
@@ -190,7 +197,8 @@ def test_compose_engines_resolve_to_the_redis_service_all_interfaces_and_the_vol
                          env={**clean, **env}, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     resolved = json.loads(out.stdout)
-    assert resolved["directory_url"] == "redis://redis:6379/0"
+    assert resolved["directory_url"] in ("redis://redis:6379/0", "redis://:***@redis:6379/0")
+    assert "s3cret" not in out.stdout
     assert resolved["control_host"] == "0.0.0.0"
     assert resolved["disk_path"] == "/var/lib/symram/disk"
     volume = next(v.split(":")[1] for v in engine["volumes"] if "disk" in v.split(":")[0])

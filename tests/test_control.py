@@ -18,6 +18,9 @@ from symram_vllm.tiers.page_format import HEADER_BYTES
 from symram_vllm.tiers.stack import TierStack
 
 PAGE = 4096
+TOKEN = "control-token-for-tests-0123"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+api = httpx.Client(headers=AUTH, timeout=30)  # a gateway's control client
 INFO = {"instance_id": "engine-7", "signature_digest": "ab" * 32, "block_size": 16,
         "tp_size": 2, "codec": "none", "model": "demo"}
 
@@ -42,7 +45,7 @@ def stack(tmp_path):
 
 @pytest.fixture
 def server(stack):
-    srv = ControlServer(stack, rank=1, info=INFO)
+    srv = ControlServer(stack, token=TOKEN, rank=1, info=INFO)
     url = srv.start(host="127.0.0.1", port=0)
     yield srv, url, stack
     srv.stop()
@@ -61,9 +64,9 @@ def hexes(ids) -> list[str]:
 
 def test_info_and_stats(server):
     _, url, _ = server
-    info = httpx.get(f"{url}/symram/info").json()
+    info = api.get(f"{url}/symram/info").json()
     assert info == {**INFO, "rank": 1}
-    stats = httpx.get(f"{url}/symram/stats").json()
+    stats = api.get(f"{url}/symram/stats").json()
     assert stats["dram_bytes_capacity"] == 4 * PAGE
     assert "disk_pages" in stats
 
@@ -73,20 +76,20 @@ def test_lookup_reports_prefix_per_tier(server):
     fill(stack, range(8))  # DRAM holds 4: 0-3 were written back to disk on eviction
     where = [stack.where(BlockKey(chain(i), 1)) for i in range(8)]
     assert where == ["disk"] * 4 + ["dram"] * 4
-    got = httpx.post(f"{url}/symram/lookup", json={"keys": hexes(range(10))}).json()
+    got = api.post(f"{url}/symram/lookup", json={"keys": hexes(range(10))}).json()
     assert got == {"dram": 0, "disk": 4, "any": 8}
     # The rank is part of the key: rank 0's endpoint on the same stack holds none of them.
-    rank0 = ControlServer(stack, rank=0, info=INFO)
+    rank0 = ControlServer(stack, token=TOKEN, rank=0, info=INFO)
     try:
         url0 = rank0.start(port=0)
-        got0 = httpx.post(f"{url0}/symram/lookup", json={"keys": hexes(range(8))}).json()
+        got0 = api.post(f"{url0}/symram/lookup", json={"keys": hexes(range(8))}).json()
         assert got0 == {"dram": 0, "disk": 0, "any": 0}
     finally:
         rank0.stop()
     # A prefix that starts in DRAM.
-    got = httpx.post(f"{url}/symram/lookup", json={"keys": hexes([4, 5, 0, 1, 99, 6])}).json()
+    got = api.post(f"{url}/symram/lookup", json={"keys": hexes([4, 5, 0, 1, 99, 6])}).json()
     assert got == {"dram": 2, "disk": 0, "any": 4}
-    assert httpx.post(f"{url}/symram/lookup", json={"keys": []}).json() == {
+    assert api.post(f"{url}/symram/lookup", json={"keys": []}).json() == {
         "dram": 0, "disk": 0, "any": 0}
 
 
@@ -96,16 +99,16 @@ def test_prefetch_promotes_disk_pages(server):
     for i in (4, 5):  # make room for two promotions without evicting them again
         assert stack.dram.delete(BlockKey(chain(i), 1))
     promotions = stack.stats()["stack_promotions"]
-    before = httpx.post(f"{url}/symram/lookup", json={"keys": hexes(range(4))}).json()
+    before = api.post(f"{url}/symram/lookup", json={"keys": hexes(range(4))}).json()
     assert before == {"dram": 0, "disk": 2, "any": 4}
-    got = httpx.post(f"{url}/symram/prefetch", json={"keys": hexes(range(2)), "wait_s": 5}).json()
+    got = api.post(f"{url}/symram/prefetch", json={"keys": hexes(range(2)), "wait_s": 5}).json()
     assert got["requested"] == 2 and got["done"] is True
     assert got["dram_resident"] == 2 and got["promoted"] == 2
     assert [stack.where(BlockKey(chain(i), 1)) for i in range(4)] == ["dram"] * 4
     assert stack.stats()["stack_promotions"] == promotions + 2
-    again = httpx.post(f"{url}/symram/prefetch", json={"keys": hexes(range(2))}).json()
+    again = api.post(f"{url}/symram/prefetch", json={"keys": hexes(range(2))}).json()
     assert again["promoted"] == 0 and again["dram_resident"] == 2
-    after = httpx.post(f"{url}/symram/lookup", json={"keys": hexes(range(4))}).json()
+    after = api.post(f"{url}/symram/lookup", json={"keys": hexes(range(4))}).json()
     assert after == {"dram": 4, "disk": 2, "any": 4}
 
 
@@ -117,7 +120,7 @@ def test_prefetch_wait_is_bounded(stack):
             self.release = threading.Event()
 
         def where(self, key):
-            return stack.where(key)
+            return "disk"  # every key needs a promotion, which never finishes in time
 
         def stats(self):
             return stack.stats()
@@ -130,11 +133,11 @@ def test_prefetch_wait_is_bounded(stack):
             return fut
 
     slow = SlowStack()
-    srv = ControlServer(slow, rank=0, info=INFO)
+    srv = ControlServer(slow, token=TOKEN, rank=0, info=INFO)
     url = srv.start(port=0)
     try:
         start = time.monotonic()
-        got = httpx.post(f"{url}/symram/prefetch", json={"keys": hexes(range(2)), "wait_s": 0.2})
+        got = api.post(f"{url}/symram/prefetch", json={"keys": hexes(range(2)), "wait_s": 0.2})
         assert time.monotonic() - start < 2.0
         assert got.json()["done"] is False and got.json()["dram_resident"] == 0
     finally:
@@ -156,7 +159,7 @@ def test_prefetch_wait_is_bounded(stack):
 def test_bad_bodies_are_422_naming_the_problem(server, body, needle):
     _, url, _ = server
     path = "/symram/prefetch" if "wait_s" in body else "/symram/lookup"
-    response = httpx.post(f"{url}{path}", json=body)
+    response = api.post(f"{url}{path}", json=body)
     assert response.status_code == 422
     assert needle in response.json()["error"]["message"]
 
@@ -167,17 +170,17 @@ def test_port_taken_is_a_clear_error(stack):
         sock.listen(1)
         port = sock.getsockname()[1]
         with pytest.raises(OSError, match=f"127.0.0.1:{port}"):
-            ControlServer(stack, info=INFO).start(port=port)
+            ControlServer(stack, token=TOKEN, info=INFO).start(port=port)
 
 
 def test_stop_frees_the_port(stack):
-    srv = ControlServer(stack, info=INFO)
+    srv = ControlServer(stack, token=TOKEN, info=INFO)
     url = srv.start(port=0)
     port = int(url.rsplit(":", 1)[1])
     srv.stop()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health", timeout=1)
-    again = ControlServer(stack, info=INFO)
+    again = ControlServer(stack, token=TOKEN, info=INFO)
     again.start(port=port)
     try:
         assert httpx.get(f"{again.url}/health").json() == {"ok": True}

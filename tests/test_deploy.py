@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import os
 import re
 import shutil
 import signal
@@ -28,8 +29,6 @@ PROFILES = sorted((DEPLOY / "profiles").glob("*.yaml"))
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    import os
-
     for key in list(os.environ):
         if key.startswith("SYMRAM_"):
             monkeypatch.delenv(key)
@@ -97,7 +96,7 @@ def test_compose_services_and_roles():
         svc = services[name]
         env = svc["environment"]
         assert env["SYMRAM_INSTANCE_ID"] == name
-        assert env["SYMRAM_DIRECTORY_URL"] == "redis://redis:6379/0"
+        assert "SYMRAM_DIRECTORY_URL" not in env  # it carries the password: see below
         for key in env:
             field = env_to_field(key)
             assert field is None or field in fields, key
@@ -161,8 +160,8 @@ def by_kind(kind: str) -> dict[str, dict]:
 
 def test_k8s_kinds():
     kinds = sorted({d["kind"] for d in k8s()})
-    assert kinds == ["ConfigMap", "Deployment", "PersistentVolumeClaim", "Service",
-                     "StatefulSet"]
+    assert kinds == ["ConfigMap", "Deployment", "NetworkPolicy", "PersistentVolumeClaim",
+                     "Service", "StatefulSet"]
     assert set(by_kind("Deployment")) == {"symram-redis", "symram-gateway"}
     assert set(by_kind("StatefulSet")) == {"symram-engine"}
 
@@ -199,6 +198,9 @@ def test_k8s_references_resolve_and_gateway_targets_every_engine():
         if "persistentVolumeClaim" in volume:
             assert volume["persistentVolumeClaim"]["claimName"] in claims
     container = pod["containers"][0]
+    mounted = {m["name"] for m in container["volumeMounts"]}
+    templates = {t["metadata"]["name"] for t in engine["spec"].get("volumeClaimTemplates", [])}
+    assert mounted == {v["name"] for v in pod["volumes"]} | templates
     for ref in container.get("envFrom", []):
         assert ref["configMapRef"]["name"] in configmaps
     fields = set(SymramConfig.model_fields)
@@ -210,16 +212,19 @@ def test_k8s_references_resolve_and_gateway_targets_every_engine():
         k for ref in container["envFrom"] for k in configmaps[ref["configMapRef"]["name"]]["data"]}
     for var in re.findall(r"\$\((\w+)\)", " ".join(container["args"])):
         assert var in provided, var
-    # A headless service with the StatefulSet's serviceName gives stable engine names.
+    # The gateway discovers every engine pod through the headless service (issue I, 7):
+    # no backend list to keep in step with `replicas`.
     service = by_kind("Service")[engine["spec"]["serviceName"]]
     assert service["spec"]["clusterIP"] == "None"
     args = by_kind("Deployment")["symram-gateway"]["spec"]["template"]["spec"][
         "containers"][0]["args"]
-    specs = [backend_spec(args[i + 1]) for i, a in enumerate(args) if a == "--backend"]
-    hosts = [f"symram-engine-{i}.symram-engine" for i in range(engine["spec"]["replicas"])]
+    assert "--backend" not in args
     ports = {p["name"]: p["containerPort"] for p in pod["containers"][0]["ports"]}
-    assert [s["url"] for s in specs] == [f"http://{h}:{ports['http']}" for h in hosts]
-    assert [s["control"] for s in specs] == [f"http://{h}:{ports['control']}" for h in hosts]
+    config = gateway_config_of(args, {})
+    assert [d.url for d in config.discover] == [
+        f"http://{service['metadata']['name']}:{ports['http']}"]
+    assert config.discover[0].control_port == ports["control"]
+    assert {p["port"] for p in service["spec"]["ports"]} == {ports["http"], ports["control"]}
     config_map = yaml.safe_load(configmaps["symram-config"]["data"]["symram.yaml"])
     assert config_map["control_port"] == ports["control"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -233,8 +238,164 @@ def test_k8s_config_is_the_cloud_profile(tmp_path, clean_env):
     (tmp_path / "k8s.yaml").write_text(text)
     in_k8s = load_config(path=tmp_path / "k8s.yaml")
     assert in_k8s == load_config(path=DEPLOY / "profiles" / "cloud.yaml")
-    assert in_k8s.directory_url == "redis://symram-redis:6379/0"
+    # The directory URL carries the Redis password: a secret, never the ConfigMap.
+    assert in_k8s.directory_url is None
     assert "symram-redis" in by_kind("Service")
+
+
+# -- safe as shipped (issue J, findings 4, 9, 11; issue I, 7) ------------------------
+
+
+def gateway_config_of(args: list[str], env: dict[str, str]):
+    """The GatewayConfig the gateway's own command line makes of `args`."""
+    from symram_vllm.serving.gateway.__main__ import build_parser, config_from_args
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key in [k for k in os.environ if k.startswith("SYMRAM_GATEWAY_")]:
+            mp.delenv(key)
+        for key, value in env.items():
+            mp.setenv(key, value)
+        return config_from_args(build_parser().parse_args(args))
+
+
+@pytest.fixture
+def compose_secrets(tmp_path):
+    """The secrets directory make-secrets.sh writes, run for real in a copy."""
+    script = tmp_path / "make-secrets.sh"
+    shutil.copy(DEPLOY / "docker" / "make-secrets.sh", script)
+    subprocess.run(["sh", str(script)], check=True, capture_output=True)
+    again = subprocess.run(["sh", str(script)], check=True, capture_output=True, text=True)
+    assert "wrote" not in again.stdout  # idempotent: secrets are not replaced
+    secrets_dir = tmp_path / "secrets"
+    assert secrets_dir.stat().st_mode & 0o077 == 0
+    return secrets_dir
+
+
+def secret_mounts(service: dict) -> dict[str, str]:
+    """target file name -> source secret, for a compose service."""
+    out = {}
+    for item in service.get("secrets", []):
+        source = item if isinstance(item, str) else item["source"]
+        target = source if isinstance(item, str) else item.get("target", source)
+        out[target] = source
+    return out
+
+
+def test_compose_is_safe_as_shipped(compose_secrets, tmp_path):
+    doc = compose()
+    services, declared = doc["services"], doc["secrets"]
+    # Every secret a service mounts is declared, and make-secrets.sh writes its file.
+    for service in services.values():
+        for source in secret_mounts(service).values():
+            assert source in declared
+    for name, spec in declared.items():
+        assert (compose_secrets / Path(spec["file"]).name).stat().st_size > 0, name
+    # Published ports: loopback unless the operator says otherwise; never the engines'.
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert port.startswith(("127.0.0.1:", "${SYMRAM_BIND:-127.0.0.1}:")), (name, port)
+        if service["labels"]["symram.role"] in ("engine", "redis"):
+            assert "ports" not in service, name
+    # The gateway: auth on, control token and tenant salt secret, all from secrets.
+    gateway = services["gateway"]
+    mounts = secret_mounts(gateway)
+    secrets_dir = tmp_path / "run-secrets"
+    secrets_dir.mkdir()
+    for target, source in mounts.items():
+        (secrets_dir / target).write_bytes(
+            (compose_secrets / Path(declared[source]["file"]).name).read_bytes())
+    env = {**gateway["environment"], "SYMRAM_GATEWAY_SECRETS_DIR": str(secrets_dir)}
+    assert gateway["environment"]["SYMRAM_GATEWAY_SECRETS_DIR"] == "/run/secrets"
+    config = gateway_config_of(gateway["command"], env)
+    assert config.auth_enabled and config.protect_metrics and config.protect_dashboard
+    assert config.control_token is not None and config.tenant_salt_secret is not None
+    token = (compose_secrets / "control_token").read_text()
+    assert config.control_token.get_secret_value() == token
+    admins = [k for k in config.api_keys if k.admin]
+    metrics_key = (compose_secrets / "metrics_key").read_text()
+    assert [k.key.get_secret_value() for k in admins] == [metrics_key]
+    # Engines: the same control token, and the directory URL with Redis's password.
+    for name in ("engine-0", "engine-1"):
+        engine = services[name]
+        env = engine["environment"]
+        assert secret_mounts(engine)["control_token"] == "control_token"
+        assert env["SYMRAM_CONTROL_TOKEN_FILE"] == "/run/secrets/control_token"
+        script = engine["entrypoint"][2]
+        assert "redis://:$$(cat /run/secrets/redis_password)@redis:6379/0" in script
+        assert "redis_password" in secret_mounts(engine)
+    # Redis requires the password; its health check uses it.
+    redis = services["redis"]
+    assert "--requirepass" in redis["command"][-1]
+    assert "/run/secrets/redis_password" in redis["command"][-1]
+    assert "-a" in redis["healthcheck"]["test"][1]
+    # Grafana: no anonymous access, admin password from a secret.
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD__FILE"] == "/run/secrets/grafana_admin_password"
+    assert "grafana_admin_password" in secret_mounts(services["grafana"])
+    # Prometheus scrapes the gateway's protected /metrics with the admin key.
+    prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    job = next(j for j in prometheus["scrape_configs"] if j["job_name"] == "symram-gateway")
+    assert job["authorization"]["credentials_file"] == "/run/secrets/metrics_key"
+    assert "metrics_key" in secret_mounts(services["prometheus"])
+
+
+def test_k8s_is_safe_as_shipped():
+    engine_pod = by_kind("StatefulSet")["symram-engine"]["spec"]["template"]["spec"]
+    gateway_pod = by_kind("Deployment")["symram-gateway"]["spec"]["template"]["spec"]
+    redis_pod = by_kind("Deployment")["symram-redis"]["spec"]["template"]["spec"]
+
+    def secret_env(pod: dict) -> dict[str, tuple[str, str]]:
+        return {e["name"]: (e["valueFrom"]["secretKeyRef"]["name"],
+                            e["valueFrom"]["secretKeyRef"]["key"])
+                for c in pod["containers"] for e in c.get("env", [])
+                if "secretKeyRef" in e.get("valueFrom", {})}
+
+    engine_env, gateway_env = secret_env(engine_pod), secret_env(gateway_pod)
+    redis_env = secret_env(redis_pod)
+    # The control token: one secret, sent by the gateway, required by the engines.
+    assert engine_env["SYMRAM_CONTROL_TOKEN"] == gateway_env["SYMRAM_GATEWAY_CONTROL_TOKEN"]
+    # Auth on, tenant salts keyed, the directory URL (with the password) a secret.
+    assert {"SYMRAM_GATEWAY_API_KEYS", "SYMRAM_GATEWAY_TENANT_SALT_SECRET"} <= set(gateway_env)
+    assert "SYMRAM_DIRECTORY_URL" in engine_env
+    # Every referenced secret key appears in the documented `kubectl create secret`.
+    header = (DEPLOY / "k8s" / "symram.yaml").read_text().split("apiVersion", 1)[0]
+    for name, key in {**engine_env, **gateway_env, **redis_env}.values():
+        assert name in header and f"--from-literal={key}=" in header, (name, key)
+    # Redis: a password, and TLS only.
+    args = redis_pod["containers"][0]["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert "REDIS_PASSWORD" in redis_env
+    assert args[args.index("--port") + 1] == "0" and "--tls-port" in args
+    assert "rediss://" in header and "ssl_ca_certs=/etc/symram-redis-tls/ca.crt" in header
+    ca_mount = next(m for m in engine_pod["containers"][0]["volumeMounts"]
+                    if m["name"] == "redis-ca")
+    assert ca_mount["mountPath"] == "/etc/symram-redis-tls"
+    # The control port is reachable from the gateway pods only.
+    policy = by_kind("NetworkPolicy")["symram-engine"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"app": "symram-engine"}
+    assert policy["policyTypes"] == ["Ingress"]
+    ports = {p["name"]: p["containerPort"] for p in engine_pod["containers"][0]["ports"]}
+    gateway_labels = by_kind("Deployment")["symram-gateway"]["spec"]["template"]["metadata"][
+        "labels"]
+    for rule in policy["ingress"]:
+        if any(p["port"] == ports["control"] for p in rule["ports"]):
+            assert all(peer.get("podSelector", {}).get("matchLabels", {}).items()
+                       <= gateway_labels.items() and "namespaceSelector" not in peer
+                       for peer in rule["from"])
+    assert any(p["port"] == ports["control"] for r in policy["ingress"] for p in r["ports"])
+    redis_policy = by_kind("NetworkPolicy")["symram-redis"]["spec"]
+    assert redis_policy["podSelector"]["matchLabels"] == {"app": "symram-redis"}
+    # The disk tier outlives a pod: a volumeClaimTemplate, not an emptyDir.
+    engine = by_kind("StatefulSet")["symram-engine"]
+    claim = next(t for t in engine["spec"]["volumeClaimTemplates"]
+                 if t["metadata"]["name"] == "tier")
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert all(v["name"] != "tier" for v in engine_pod["volumes"])
+    mount = next(m for m in engine_pod["containers"][0]["volumeMounts"] if m["name"] == "tier")
+    config = yaml.safe_load(by_kind("ConfigMap")["symram-config"]["data"]["symram.yaml"])
+    assert Path(config["disk_path"]).is_relative_to(mount["mountPath"])
+    assert config["control_host"] == "0.0.0.0" and "control_token" not in config
 
 
 # -- Grafana ---------------------------------------------------------------------------

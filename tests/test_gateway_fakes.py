@@ -40,6 +40,7 @@ from symram_vllm.tiers.stack import TierStack
 PAGE = 4096
 BLOCK = 4
 SIGNATURE = "5a" * 32
+CONTROL_TOKEN = "fake-control-token-0123456789"  # shared by fake engines and gateways
 
 
 def free_port() -> int:
@@ -101,7 +102,7 @@ class FakeEngine:
             disk = DiskTier(disk_path, 512 * (HEADER_BYTES + PAGE), config=DiskTierConfig())
         policy = PolicyConfig(recompute={"block_tokens": BLOCK, "seconds_per_token": 1e-3})
         self.stack = TierStack(PAGE, dram_pages * PAGE, disk, config=policy, pin_memory=False)
-        self.control = ControlServer(self.stack, rank=0, info={
+        self.control = ControlServer(self.stack, token=CONTROL_TOKEN, rank=0, info={
             "instance_id": name, "signature_digest": signature, "block_size": BLOCK,
             "tp_size": 1, "codec": "none", "model": "demo"}) if control else None
         self.healthy = True
@@ -163,15 +164,24 @@ class FakeEngine:
                 {"id": m, "object": "model", "created": 1, "owned_by": "vllm", "root": m}
                 for m in self.models]}
 
+        def invalid(exc: Exception) -> JSONResponse:
+            # What vLLM answers for a body its input processing rejects.
+            return JSONResponse({"error": {"message": f"invalid request: {exc!r}",
+                                           "type": "BadRequestError", "param": None,
+                                           "code": 400}}, status_code=400)
+
         @app.post("/tokenize")
-        async def tokenize_endpoint(request: Request) -> dict[str, Any]:
+        async def tokenize_endpoint(request: Request) -> Any:
             self.tokenize_calls += 1
             body = await request.json()
-            if "messages" in body:
-                ids = tokenize(render_chat(body["messages"],
-                                           body.get("add_generation_prompt", True)))
-            else:
-                ids = tokenize(body["prompt"])
+            try:
+                if "messages" in body:
+                    ids = tokenize(render_chat(body["messages"],
+                                               body.get("add_generation_prompt", True)))
+                else:
+                    ids = tokenize(body["prompt"])
+            except (TypeError, ValueError, KeyError, AttributeError) as exc:
+                return invalid(exc)
             return {"count": len(ids), "max_model_len": 4096, "tokens": ids, "token_strs": None}
 
         async def generate(request: Request, kind: str) -> Response:
@@ -182,9 +192,13 @@ class FakeEngine:
                 return JSONResponse({"error": {"message": "fake failure", "type": "x",
                                                "param": None, "code": self.fail_status}},
                                     status_code=self.fail_status)
-            tokens = self.prompt_ids(request.url.path, body)
             salt = body.get("cache_salt")
-            pieces = self.reply_text(body)
+            try:
+                tokens = self.prompt_ids(request.url.path, body)
+                self.keys(tokens, salt)
+                pieces = self.reply_text(body)
+            except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
+                return invalid(exc)
             rid = "cmpl-" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()
                                            ).hexdigest()[:12]
             usage = {"prompt_tokens": len(tokens), "completion_tokens": len(pieces),
@@ -282,6 +296,7 @@ class FakeEngine:
 def gateway_config(engines: list[FakeEngine], **overrides: Any) -> GatewayConfig:
     timeouts = {"health_interval_s": 0.2, "stats_interval_s": 0.2, "health_timeout_s": 1.0,
                 "eject_after_failures": 1, **overrides.pop("timeouts", {})}
+    overrides.setdefault("control_token", CONTROL_TOKEN)
     return GatewayConfig(backends=[e.backend_spec() for e in engines], timeouts=timeouts,
                          **overrides)
 

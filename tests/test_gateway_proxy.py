@@ -100,10 +100,10 @@ def test_dead_engine_is_retried_and_ejected():
             a.server.stop()  # connection refused from now on; health checks are far away
             results = [httpx.post(f"{url}/v1/completions", json=COMPLETION, timeout=30)
                        for _ in range(4)]
-            health = httpx.get(f"{url}/health").json()
+            health = httpx.get(f"{url}/dashboard/data").json()
     assert [r.status_code for r in results] == [200] * 4
     assert all(route_of(r)["instance"] == "b" for r in results)
-    assert {x["name"]: x["healthy"] for x in health["backends"]} == {"a": False, "b": True}
+    assert {x["name"]: x["healthy"] for x in health["instances"]} == {"a": False, "b": True}
     assert len(b.received) == 4
 
 

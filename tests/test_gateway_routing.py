@@ -184,8 +184,8 @@ def test_unhealthy_engine_is_ejected_then_readmitted():
         assert wait_for(lambda: not gw.pool.by_name("a").healthy)
         routed = {route_of(post(url, f"x{i}"))["instance"] for i in range(4)}
         assert routed == {"b"}
-        state = httpx.get(f"{url}/health").json()
-        assert [x["healthy"] for x in state["backends"]] == [False, True]
+        state = httpx.get(f"{url}/dashboard/data").json()
+        assert [x["healthy"] for x in state["instances"]] == [False, True]
         b.healthy = False
         assert wait_for(lambda: not gw.pool.by_name("b").healthy)
         down = httpx.get(f"{url}/health")

@@ -27,6 +27,10 @@ def keyed(**limits):
     }
 
 
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
 def call(url: str, key: str | None, body: dict | None = None, path: str = "/v1/completions",
          **kwargs) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -104,7 +108,7 @@ def test_request_rate_limit_per_key():
         first = [call(url, KEY_A).status_code for _ in range(2)]
         limited = call(url, KEY_A)
         other = [call(url, KEY_B).status_code for _ in range(3)]
-        metrics = httpx.get(f"{url}/metrics").text
+        metrics = httpx.get(f"{url}/metrics", headers=bearer(KEY_B)).text
     assert first == [200, 200]
     error = assert_error(limited, 429, "rate_limit_exceeded", "2 requests per minute")
     assert error["type"] == "rate_limit_error"

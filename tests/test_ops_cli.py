@@ -23,6 +23,8 @@ from symram_vllm.tiers.page_format import HEADER_BYTES
 from symram_vllm.tiers.stack import TierStack
 
 PAGE = 4096
+TOKEN = "ops-cli-control-token-0123"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 INFO = {"instance_id": "engine-3", "signature_digest": "cd" * 32, "block_size": 16,
         "tp_size": 1, "codec": "none", "model": "demo"}
 
@@ -38,7 +40,7 @@ def runtime_dir(tmp_path, monkeypatch):
 def control(tmp_path):
     disk = DiskTier(tmp_path / "disk", 64 * (HEADER_BYTES + PAGE), config=DiskTierConfig())
     stack = TierStack(PAGE, 4 * PAGE, disk, pin_memory=False)
-    server = ControlServer(stack, rank=0, info=INFO)
+    server = ControlServer(stack, token=TOKEN, rank=0, info=INFO)
     url = server.start(host="127.0.0.1", port=0)
     bypass.configure(int(url.rsplit(":", 1)[1]))
     yield url, stack
@@ -56,13 +58,13 @@ def test_stats_sums_tiers_and_hit_rate(control, capsys):
         assert stack.put(key(i), torch.full((PAGE,), i, dtype=torch.uint8), position=i)
     assert stack.get(key(0)) is not None
     assert stack.get(key(99)) is None
-    assert main(["stats", "--control", url, "--json"]) == 0
+    assert main(["stats", "--control", url, "--token", TOKEN, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     summary = report["summary"]
     assert summary["dram"]["pages"] == 3 and summary["dram"]["capacity_bytes"] == 4 * PAGE
     assert summary["hits"]["dram"] == 1 and summary["hits"]["misses"] == 1
     assert summary["hit_rate"] == 0.5
-    assert main(["stats", "--control", url]) == 0
+    assert main(["stats", "--control", url, "--token", TOKEN]) == 0
     text = capsys.readouterr().out
     assert "engine engine-3" in text and "dram" in text and "disk" in text
 
@@ -80,12 +82,14 @@ def test_pin_keeps_pages_through_eviction_and_unpin_releases(control):
     for i in range(2):
         assert stack.put(key(i), torch.full((PAGE,), i, dtype=torch.uint8), position=i)
     hexes = [key(i).chain.hex() for i in range(2)]
-    reply = httpx.post(f"{url}/symram/pin", json={"keys": hexes, "ttl_s": 60}).json()
+    reply = httpx.post(f"{url}/symram/pin", json={"keys": hexes, "ttl_s": 60},
+                       headers=AUTH).json()
     assert reply == {"requested": 2, "pinned": 2, "ttl_s": 60.0}
     assert stack.dram.is_pinned(key(0))
-    bad = httpx.post(f"{url}/symram/pin", json={"keys": hexes, "ttl_s": 0})
+    bad = httpx.post(f"{url}/symram/pin", json={"keys": hexes, "ttl_s": 0}, headers=AUTH)
     assert bad.status_code == 422 and "ttl_s" in bad.json()["error"]["message"]
-    assert httpx.post(f"{url}/symram/unpin", json={"keys": hexes}).json() == {"requested": 2}
+    unpinned = httpx.post(f"{url}/symram/unpin", json={"keys": hexes}, headers=AUTH)
+    assert unpinned.json() == {"requested": 2}
     assert not stack.dram.is_pinned(key(0))
 
 
@@ -101,19 +105,19 @@ def test_bypass_on_off_through_the_cli_is_seen_by_another_process(control, capsy
 
     assert seen_elsewhere() == "False"
     with caplog.at_level(logging.WARNING, logger="symram.bypass"):
-        assert main(["bypass", "on", "--control", url, "--reason", "bad pages",
-                     "--by", "oncall"]) == 0
+        assert main(["bypass", "on", "--control", url, "--token", TOKEN, "--reason",
+                     "bad pages", "--by", "oncall"]) == 0
     assert "stopped" in capsys.readouterr().out
     assert "symram bypass ON by oncall from 127.0.0.1 (bad pages)" in caplog.text  # audit
     assert bypass.bypass_active()  # this process (the control endpoint's) at once
     assert seen_elsewhere() == "True"  # and any other process of the engine
-    state = httpx.get(f"{url}/symram/bypass").json()
+    state = httpx.get(f"{url}/symram/bypass", headers=AUTH).json()
     assert state["active"] is True and state["reason"] == "bad pages"
-    assert main(["bypass", "status", "--control", url]) == 0
+    assert main(["bypass", "status", "--control", url, "--token", TOKEN]) == 0
     assert "bypass is ON" in capsys.readouterr().out
-    assert main(["bypass", "off", "--control", url]) == 0
+    assert main(["bypass", "off", "--control", url, "--token", TOKEN]) == 0
     assert seen_elsewhere() == "False"
-    assert httpx.get(f"{url}/symram/bypass").json() == {"active": False}
+    assert httpx.get(f"{url}/symram/bypass", headers=AUTH).json() == {"active": False}
 
 
 def test_switch_refreshes_within_its_interval(tmp_path):
@@ -136,6 +140,12 @@ def test_unreadable_flag_counts_as_on(tmp_path):
     switch.path.parent.mkdir(parents=True, exist_ok=True)
     switch.path.write_text("{not json")
     assert switch.active()
+
+
+def test_a_wrong_token_is_explained(control, capsys):
+    url, _ = control
+    assert main(["stats", "--control", url, "--token", "not-the-token-0123456"]) == 1
+    assert "refused the token" in capsys.readouterr().err
 
 
 def test_commands_explain_a_missing_endpoint(capsys, monkeypatch):

@@ -41,8 +41,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# A waiting request waits this long at most for the fleet's answer to its lookup.
-FLEET_WAIT_S = 0.05
+# A waiting request waits this long at most for the fleet's answer to its lookup (one
+# round trip, normally a millisecond): a fleet hit saves a prefill, which costs far
+# more, so waiting is worth it, but a slow or dead Redis must not hold requests back.
+FLEET_WAIT_S = 0.5
 # After a worker said tier writes are still running, keep the engine stepping this
 # long (idle steps are throttled) so their events reach the directory while idle.
 PENDING_GRACE_S = 1.0

@@ -152,17 +152,32 @@ def _cipher(config: SymramConfig, namespace: bytes) -> PageCipher | None:
     )
 
 
+def control_token(config: SymramConfig) -> str | None:
+    """The shared control token: control_token, else the contents of control_token_file."""
+    if config.control_token is not None:
+        return config.control_token.get_secret_value()
+    if config.control_token_file is not None:
+        return config.control_token_file.read_text().strip()
+    return None
+
+
 def start_control_server(
     config: SymramConfig, store: TieredStore, rank: int, info: dict[str, object]
 ) -> Any:
-    """The gateway's lookup/prefetch endpoint on control_port + rank, or None."""
+    """The gateway's lookup/prefetch endpoint on control_port + rank, or None. It needs
+    the shared control token; without one it stays off (the engine serves on)."""
     if not config.control_port:
         return None
     port = config.control_port + rank
     try:
         from symram_vllm.control import ControlServer
+        from symram_vllm.control_guard import ControlLimits
 
-        server = ControlServer(store.stack, rank=rank, info=info)
+        limits = ControlLimits(rate_per_client=config.control_rate_per_client,
+                               burst_per_client=2 * config.control_rate_per_client,
+                               cpu_share=config.control_cpu_share)
+        server = ControlServer(store.stack, token=control_token(config), rank=rank, info=info,
+                               limits=limits)
         server.start(host=config.control_host, port=port)
     except Exception as exc:  # a control endpoint is optional; serving is not
         logger.error(
@@ -170,5 +185,6 @@ def start_control_server(
             rank, config.control_host, port, exc,
         )
         return None
-    logger.info("symram rank %d: control endpoint on http://%s:%d", rank, config.control_host, port)
+    logger.info("symram rank %d: control endpoint on http://%s:%d (token required)",
+                rank, config.control_host, port)
     return server

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -383,12 +384,14 @@ def plan_stack(options: UpOptions, model: str) -> Stack:
             redis_url = f"redis://127.0.0.1:{redis_port}/0"
     engine_urls: list[str] = []
     backends: list[Backend] = []
+    control_token = secrets.token_urlsafe(32)  # engines' control endpoints need it
     for i in range(options.instances):
         port = options.port if not use_gateway else free_port()
         control_port = free_port()
         env = {
             "SYMRAM_INSTANCE_ID": f"engine-{i}",
             "SYMRAM_CONTROL_PORT": str(control_port),
+            "SYMRAM_CONTROL_TOKEN": control_token,
             "SYMRAM_DRAM_BYTES": options.dram_bytes,
         }
         if options.disk_bytes and options.disk_bytes != "0":
@@ -413,7 +416,7 @@ def plan_stack(options: UpOptions, model: str) -> Stack:
         processes.add(ManagedProcess(
             "gateway", gateway_command(options.port, backends, host=options.host),
             log_dir / "gateway.log", http_health(f"{public}/health"), ports=[options.port],
-            stop_level=0))
+            stop_level=0, env={"SYMRAM_GATEWAY_CONTROL_TOKEN": control_token}))
     return Stack(processes, public, model, engine_urls, redis_url, use_gateway, log_dir, notes)
 
 

@@ -39,6 +39,7 @@ NO_SPLIT = ["--max-num-batched-tokens", "16384"]  # whole prefills: see test_eng
 DRAM_PAGES = 10  # tiny model pages: 2 layers x 2 KV heads x 128 tokens x (K|V) x bf16
 PAGE_BYTES = 2 * 2 * BLOCK * 128 * 2
 MAX_TOKENS = 6000  # a generation of several seconds, to be cut short by a disconnect
+CONTROL_TOKEN = "gateway-engines-control-token"
 
 
 def code(tag: str, lines: int) -> str:
@@ -58,6 +59,7 @@ class Gateway:
             cmd += ["--backend", f"{engine.base_url},name={name}",
                     "--control", f"http://127.0.0.1:{control}"]
         env = {**os.environ, "SYMRAM_GATEWAY_TIMEOUTS__HEALTH_INTERVAL_S": "0.5",
+               "SYMRAM_GATEWAY_CONTROL_TOKEN": CONTROL_TOKEN,
                "SYMRAM_GATEWAY_TIMEOUTS__STATS_INTERVAL_S": "0.5",
                "SYMRAM_GATEWAY_ROUTING__PREFETCH_WAIT_S": "5", "SYMRAM_GATEWAY_LOG_LEVEL": "debug",
                # The control endpoint shares 2 busy cores with the engine here; the
@@ -114,13 +116,15 @@ def stack(tiny_model, artifacts_dir, tmp_path_factory):
             max_model_len=MAX_TOKENS + 128,
             extra_vllm_args=NO_SPLIT,
             env={"SYMRAM_CONTROL_PORT": str(control), "SYMRAM_INSTANCE_ID": name,
+                 "SYMRAM_CONTROL_TOKEN": CONTROL_TOKEN,
                  "SYMRAM_DISK_PATH": str(disk), "SYMRAM_DISK_BYTES": "256MiB",
                  "SYMRAM_DIRECTORY_URL": server.url}), control))
     gateway = None
     try:
         start_all(*(engine for _, engine, _ in engines))
         for name, _, control in engines:
-            info = httpx.get(f"http://127.0.0.1:{control}/symram/info", timeout=5).json()
+            info = httpx.get(f"http://127.0.0.1:{control}/symram/info", timeout=5,
+                             headers={"Authorization": f"Bearer {CONTROL_TOKEN}"}).json()
             assert info["instance_id"] == name and info["block_size"] == BLOCK
         gateway = Gateway(engines, artifacts_dir / "gateway.log")
         gateway.redis = server
@@ -348,6 +352,7 @@ def test_killed_engine_is_ejected_and_requests_keep_succeeding(stack):
         for i in range(6)]
     assert [r.status_code for r in results] == [200] * 6
     assert {route(r)["instance"] for r in results} == {"e0"}
-    health = httpx.get(f"{gateway.url}/health").json()
-    assert {b["name"]: b["healthy"] for b in health["backends"]} == {"e0": True, "e1": False}
+    state = httpx.get(f"{gateway.url}/dashboard/data").json()
+    assert {b["name"]: b["healthy"] for b in state["instances"]} == {"e0": True, "e1": False}
+    assert httpx.get(f"{gateway.url}/health").json() == {"status": "ok", "healthy": 1}
 

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", action=_Ordered, dest="backend", metavar="URL[,opts]",
                         help="an engine's OpenAI base URL (repeatable; replaces the config's "
                         "backends)")
+    parser.add_argument("--discover", action="append", metavar="URL[,control_port=N]",
+                        help="a DNS name whose every address is an engine, e.g. a Kubernetes "
+                        "headless service: http://symram-engine:8000 (repeatable)")
     parser.add_argument("--control", action=_Ordered, dest="control", metavar="URL",
                         help="control endpoint of the preceding --backend")
     parser.add_argument("--control-port-offset", type=int, metavar="N",
@@ -92,12 +95,26 @@ def _backends(endpoints: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
     return backends
 
 
+def _discovery(spec: str) -> dict[str, Any]:
+    url, *options = [part.strip() for part in spec.split(",")]
+    out: dict[str, Any] = {"url": url}
+    for option in options:
+        name, _, value = option.partition("=")
+        if name not in ("control_port", "interval_s"):
+            raise ConfigError(f"--discover option {option!r}: expected control_port=N or "
+                              "interval_s=S")
+        out[name] = value
+    return out
+
+
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     overrides: dict[str, Any] = {}
     for name in ("host", "port", "log_level", "control_port_offset"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
+    if args.discover:
+        overrides["discover"] = [_discovery(spec) for spec in args.discover]
     if args.no_control:
         overrides["control_port_offset"] = None
     endpoints = getattr(args, "endpoints", None) or []
@@ -119,8 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         print(json.dumps(config.model_dump(mode="json"), indent=2))
         return 0
-    if not config.backends:
-        print("symram gateway: no backends: pass --backend URL (or backends: in --config)",
+    if not config.backends and not config.discover:
+        print("symram gateway: no backends: pass --backend URL or --discover URL (or "
+              "backends:/discover: in --config)",
               file=sys.stderr)
         return 2
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -65,6 +66,12 @@ ROUTE_HEADER = "x-symram-route"
 PREFETCH_HEADER = "x-symram-prefetch"
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_JSON_STRING = re.compile(rb'"[^"\\\\]*(?:\\\\.[^"\\\\]*)*"')  # unrolled: linear and fast
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_DEPTH_STEP = np.zeros(256, dtype=np.int32)
+_DEPTH_STEP[list(b"[{")], _DEPTH_STEP[list(b"]}")] = 1, -1
+MAX_JSON_DEPTH = 128  # OpenAI bodies nest a few levels; Python's parsers recurse per level
 RETRY_STATUSES = frozenset({502, 503, 504})
 FORWARD_HEADERS = ("accept", "traceparent", "tracestate", "user-agent")
 KNOWN_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
@@ -93,14 +100,29 @@ class RequestIdMiddleware:
         label = path if path in KNOWN_PATHS else (
             "/dashboard/static" if path.startswith("/dashboard/static/") else "other")
 
+        started = False
+
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = MutableHeaders(scope=message)
                 headers[REQUEST_ID_HEADER] = request_id
                 self.metrics.requests.labels(label, str(message["status"])).inc()
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            # A bug, not an input: one log line with the traceback, and an OpenAI-shaped
+            # 500 that carries the request id and is counted like any other answer.
+            logger.exception("request %s: internal error on %s", request_id, path)
+            if started:
+                raise
+            error = GatewayError(500, f"Internal gateway error ({type(exc).__name__}); see "
+                                 f"the gateway log, request {request_id}.",
+                                 code="internal_error", headers={"Connection": "close"})
+            await error.response()(scope, receive, send_with_id)
 
 
 @dataclass
@@ -136,7 +158,9 @@ class Prepared:
     session: str | None
     candidates: list[Backend]
     tokens: list[int] | None = None
-    charged_tokens: int = 0
+    charged_tokens: int = 0  # prompt + max_tokens x n: the worst case
+    taken_tokens: int = 0  # what the token bucket actually gave (at most its capacity)
+    prompt_estimate: int = 0
     keys: dict[str, list[bytes]] = field(default_factory=dict)
     hits: dict[str, PrefixHit] = field(default_factory=dict)
 
@@ -145,7 +169,7 @@ def _bad(message: str, param: str | None = None, code: str = "invalid_request") 
     return GatewayError(400, message, param=param, code=code, reason="invalid_request")
 
 
-def _check_types(endpoint: str, body: dict[str, Any], cap: int | None) -> None:
+def _check_types(endpoint: str, body: dict[str, Any], cap: int | None, max_n: int) -> None:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _bad("'model' is required and must be a non-empty string.", "model")
@@ -174,12 +198,68 @@ def _check_types(endpoint: str, body: dict[str, Any], cap: int | None) -> None:
             raise _bad(f"'{name}' must be a positive integer, got {value!r}.", name)
         if cap is not None and name != "n" and value > cap:
             raise _bad(f"'{name}' is {value}, above this gateway's limit of {cap}.", name)
+        if name == "n" and value > max_n:
+            raise _bad(f"'n' is {value}, above this gateway's limit of {max_n}.", name)
     for name in ("user", "cache_salt"):
         value = body.get(name)
         if value is not None and (not isinstance(value, str) or not value):
             raise _bad(f"'{name}' must be a non-empty string.", name)
     if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
         raise _bad("'stream_options' must be an object.", "stream_options")
+
+
+def json_depth(raw: bytes) -> int:
+    """Deepest bracket nesting of a JSON text (strings skipped), all at C speed: an
+    8 MiB body of brackets takes tens of milliseconds, less than parsing it."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, delete=_NOT_BRACKETS)
+    if not brackets:
+        return 0
+    steps = _DEPTH_STEP[np.frombuffer(brackets, dtype=np.uint8)]
+    return int(np.cumsum(steps, dtype=np.int32).max())
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The request's JSON object, or an OpenAI-shaped 400 for anything else: bad JSON,
+    nesting deeper than the parser's recursion limit, or a lone UTF-16 surrogate (which
+    JSON escapes allow and no UTF-8 encoder does)."""
+    too_deep = _bad(f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.",
+                    code="invalid_json")
+    try:
+        body = json.loads(raw)  # fails fast (RecursionError) past ~990 levels
+    except RecursionError:
+        raise too_deep from None
+    except ValueError as exc:
+        raise _bad(f"We could not parse the JSON body of your request ({exc}). The body "
+                   "must be a JSON object.", code="invalid_json") from None
+    # What parsed may still be too deep to re-encode later, a few frames further down.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth(raw) > MAX_JSON_DEPTH:
+        raise too_deep
+    if not isinstance(body, dict):
+        raise _bad(f"The request body must be a JSON object, got {type(body).__name__}.",
+                   code="invalid_json")
+    # Only a \uD800-\uDFFF escape can carry a surrogate (raw surrogate bytes are
+    # invalid UTF-8 and fail above), so the full check runs only when one is present.
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise _bad("The JSON body holds a lone UTF-16 surrogate (a \\uD800-\\uDFFF "
+                       "escape without its pair); send valid Unicode.",
+                       code="invalid_unicode") from None
+    return body
+
+
+def tokens_used(prep: Prepared, usage: dict[str, Any] | None, seen_events: int,
+                status: int) -> int:
+    """What a finished request counts against its token limit: the engine's usage when
+    it reported one; nothing when the engine refused it; otherwise the worst case
+    (prompt + max_tokens x n), or more if more content events were seen."""
+    total = api_routes.usage_total(usage)  # OpenAI total_tokens, Anthropic input + output
+    if total is not None:
+        return total
+    if status != 200:
+        return 0
+    return max(prep.charged_tokens, prep.prompt_estimate + seen_events)
 
 
 class Gateway:
@@ -210,10 +290,14 @@ class Gateway:
             timeout=httpx.Timeout(t.health_timeout_s, connect=min(t.connect_s, 2.0)),
         )
         self.metrics = GatewayMetrics()
-        self.pool = BackendPool(config, self.control)
+        token = config.control_token.get_secret_value() if config.control_token else None
+        # Sent on control-endpoint calls only, never to the engines' OpenAI port.
+        self.control_headers = {"authorization": f"Bearer {token}"} if token else {}
+        self.pool = BackendPool(config, self.control, self.control_headers)
         self.locator = locator or make_locator(config.routing, ControlLocator(
             self.upstream, config.routing.lookup_timeout_s,
-            on_failure=lambda b, kind: self.metrics.upstream_errors.labels(b.name, kind).inc()))
+            on_failure=lambda b, kind: self.metrics.upstream_errors.labels(b.name, kind).inc(),
+            headers=self.control_headers))
         self.router = Router(config.routing)
         self.auth = Authenticator(config)
         self.limiter = RateLimiter(clock)
@@ -229,11 +313,13 @@ class Gateway:
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         logger.info("symram gateway: %s", self.auth.describe())
+        await self.pool.discover()
         for b in self.pool.backends:
             logger.info("backend %s: %s, control %s, max in flight %d", b.name, b.url,
                         b.control_url or "none (no prefix routing)", b.max_inflight)
         if not self.pool.backends:
-            logger.warning("no backends configured: every request will get 503")
+            logger.warning("no backends configured or discovered: requests get 503 until "
+                           "one is")
         await self.pool.check_all()
         self.pool.start()
 
@@ -251,15 +337,9 @@ class Gateway:
                                            request.client.host if request.client else None)
         self.limiter.check_request(principal.key_id, principal.requests_per_minute)
         raw = await read_body(request, self.config.limits.max_body_bytes)
-        try:
-            body = json.loads(raw)
-        except ValueError as exc:
-            raise _bad(f"We could not parse the JSON body of your request ({exc}). The body "
-                       "must be a JSON object.", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise _bad(f"The request body must be a JSON object, got {type(body).__name__}.",
-                       code="invalid_json")
-        _check_types(endpoint, body, self.config.limits.max_tokens_cap)
+        body = parse_body(raw)
+        limits = self.config.limits
+        _check_types(endpoint, body, limits.max_tokens_cap, limits.max_n)
         model = body["model"]
         candidates = self.pool.serving(model)
         owner = self.response_owners.owner(body.get("previous_response_id"))
@@ -293,9 +373,15 @@ class Gateway:
             prompt *= len(body["prompt"])
         completion = (api_routes.completion_budget(body)
                       or self.config.limits.default_completion_tokens)
+        prep.prompt_estimate = prompt
         prep.charged_tokens = prompt + completion * int(body.get("n") or 1)
-        self.limiter.charge_tokens(prep.principal.key_id, prep.principal.tokens_per_minute,
-                                   prep.charged_tokens)
+        prep.taken_tokens = self.limiter.charge_tokens(
+            prep.principal.key_id, prep.principal.tokens_per_minute, prep.charged_tokens)
+        if prep.stream and prep.endpoint in ("chat", "completions"):
+            # The real count of a limited stream comes from its usage chunk: ask for it
+            # (Responses and Messages streams report usage at their end anyway).
+            options = body.get("stream_options") or {}
+            body["stream_options"] = {**options, "include_usage": True}
 
     async def locate(self, prep: Prepared) -> None:
         """Tokens, keys per engine namespace, and each engine's held prefix.
@@ -370,7 +456,8 @@ class Gateway:
             for url in backend.control_rank_urls():
                 response = await self.control.post(
                     f"{url}/symram/prefetch", json={"keys": wanted, "wait_s": cfg.prefetch_wait_s},
-                    timeout=cfg.prefetch_wait_s + self.config.timeouts.health_timeout_s)
+                    timeout=cfg.prefetch_wait_s + self.config.timeouts.health_timeout_s,
+                    headers=self.control_headers)
                 response.raise_for_status()
                 data = response.json()
                 resident = int(data["dram_resident"])
@@ -448,7 +535,8 @@ class Gateway:
                            backend.name, failure, decision.backend.name)
 
     def _finish(self, prep: Prepared, decision: RouteDecision, usage: dict[str, Any] | None,
-                first_content_at: float | None, outcome: str) -> None:
+                first_content_at: float | None, outcome: str, seen_events: int = 0,
+                status: int = 200) -> None:
         now = time.monotonic()
         name = decision.backend.name
         if first_content_at is not None:
@@ -460,10 +548,9 @@ class Gateway:
         else:
             self.metrics.e2e.labels(prep.endpoint, name, str(prep.stream).lower()).observe(
                 now - prep.started)
-        used = api_routes.usage_total(usage)
-        used = prep.charged_tokens if used is None else used
         self.limiter.settle_tokens(prep.principal.key_id, prep.principal.tokens_per_minute,
-                                   prep.charged_tokens, used)
+                                   prep.taken_tokens,
+                                   tokens_used(prep, usage, seen_events, status))
 
     async def handle(self, request: Request, endpoint: str) -> Response:
         prep = await self.prepare(request, endpoint)
@@ -498,7 +585,8 @@ class Gateway:
             def on_finish(outcome: str) -> None:
                 self.response_owners.remember(observer.response_id, decision.backend.name)
                 attempt.release()
-                self._finish(prep, decision, observer.usage, observer.first_content_at, outcome)
+                self._finish(prep, decision, observer.usage, observer.first_content_at, outcome,
+                             observer.content_events)
 
             return StreamProxyResponse(upstream, headers, observer, on_finish)
         usage = None
@@ -508,7 +596,7 @@ class Gateway:
                 usage = json.loads(content).get("usage")
             except (ValueError, AttributeError):
                 usage = None
-        self._finish(prep, decision, usage, None, "complete")
+        self._finish(prep, decision, usage, None, "complete", status=upstream.status_code)
         return Response(content, status_code=upstream.status_code, headers=headers)
 
     # -- read-only views -------------------------------------------------------------------
@@ -579,12 +667,6 @@ def create_app(
         gateway.metrics.rejections.labels("invalid_request").inc()
         return _bad("; ".join(str(e.get("msg")) for e in exc.errors())).response()
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> Response:
-        logger.exception("internal error on %s", request.url.path)
-        return GatewayError(500, f"Internal gateway error ({type(exc).__name__}); see the "
-                            "gateway log.", code="internal_error").response()
-
     def endpoint(kind: str) -> Callable[[Request], Awaitable[Response]]:
         async def handler(request: Request) -> Response:
             return await gateway.handle(request, kind)
@@ -596,24 +678,32 @@ def create_app(
     app.add_route("/v1/completions", endpoint("completions"), methods=["POST"])
     api_routes.register(app, gateway)
 
+    def client_of(request: Request) -> str | None:
+        return request.client.host if request.client else None
+
+    def viewer(request: Request, protected: bool) -> None:
+        if protected and gateway.auth.enabled:
+            gateway.auth.authenticate_viewer(request.headers, client_of(request))
+
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
-        gateway.auth.authenticate(request.headers, request.client.host if request.client
-                                  else None)
+        gateway.auth.authenticate(request.headers, client_of(request))
         return JSONResponse({"object": "list", "data": gateway.pool.models()})
 
     @app.get("/health")
     async def health() -> Response:
-        backends = [b.snapshot() for b in gateway.pool.backends]
+        # Open to load balancers and probes, so it says only whether the gateway can
+        # serve: no backend names, URLs or error text (those are on /dashboard/data).
         healthy = sum(b.healthy for b in gateway.pool.backends)
         if healthy:
-            return JSONResponse({"status": "ok", "healthy": healthy, "backends": backends})
+            return JSONResponse({"status": "ok", "healthy": healthy})
         body = GatewayError(503, "No healthy engine.", code="no_healthy_backend").body()
-        body.update({"status": "unavailable", "healthy": 0, "backends": backends})
+        body.update({"status": "unavailable", "healthy": 0})
         return JSONResponse(body, status_code=503)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        viewer(request, config.protect_metrics)
         for b in gateway.pool.backends:
             gateway.metrics.inflight.labels(b.name).set(b.inflight)
             gateway.metrics.healthy.labels(b.name).set(1.0 if b.healthy else 0.0)
@@ -621,11 +711,13 @@ def create_app(
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/dashboard")
-    async def dashboard() -> Response:
+    async def dashboard(request: Request) -> Response:
+        viewer(request, config.protect_dashboard)
         return HTMLResponse(dashboard_html())
 
     @app.get("/dashboard/data")
-    async def dashboard_data() -> Response:
+    async def dashboard_data(request: Request) -> Response:
+        viewer(request, config.protect_dashboard)
         return JSONResponse(gateway.dashboard_data())
 
     return app

@@ -1,20 +1,22 @@
-"""The engines behind the gateway: their state, health checks (eject and readmit) and
-the stats poll that feeds the dashboard."""
+"""The engines behind the gateway: their state, health checks (eject and readmit), the
+stats poll that feeds the dashboard, and discovery of engines behind a DNS name (a
+Kubernetes headless service resolves to one address per ready pod)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from symram_vllm.serving.gateway.config import BackendConfig, GatewayConfig
+from symram_vllm.serving.gateway.config import BackendConfig, DiscoveryConfig, GatewayConfig
 
 logger = logging.getLogger("symram.gateway")
 
@@ -68,6 +70,7 @@ class Backend:
     changed_at: float = field(default_factory=time.time)
     last_stats: dict[str, float] = field(default_factory=dict)
     stats_at: float | None = None  # wall-clock time of the last successful stats poll
+    source: str | None = None  # the discovery URL that found it (None: configured)
 
     @classmethod
     def from_config(cls, cfg: BackendConfig, default_max_inflight: int) -> Backend:
@@ -103,12 +106,36 @@ class Backend:
 
 
 StatsListener = Callable[[Backend, dict[str, float], float], None]
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def resolve_addresses(host: str, port: int) -> list[str]:
+    """Every address `host` resolves to (A and AAAA), sorted, without duplicates."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port,
+                                                         type=socket.SOCK_STREAM)
+    return sorted({str(info[4][0]) for info in infos})
+
+
+def discovered_backend(spec: DiscoveryConfig, address: str, offset: int | None,
+                       default_max_inflight: int) -> Backend:
+    parts = urlsplit(spec.url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = f"[{address}]" if ":" in address else address
+    control_port = spec.control_port or (port + offset if offset is not None else None)
+    return Backend(
+        name=f"{host}:{port}", url=urlunsplit(parts._replace(netloc=f"{host}:{port}")),
+        control_url=f"http://{host}:{control_port}" if control_port else None,
+        max_inflight=default_max_inflight, source=spec.url)
 
 
 class BackendPool:
-    def __init__(self, config: GatewayConfig, client: httpx.AsyncClient) -> None:
+    def __init__(self, config: GatewayConfig, client: httpx.AsyncClient,
+                 control_headers: dict[str, str] | None = None,
+                 resolver: Resolver = resolve_addresses) -> None:
         self.config = config
         self.client = client
+        self.control_headers = control_headers or {}  # the control token
+        self.resolver = resolver
         self.backends = [
             Backend.from_config(b, config.limits.max_inflight_per_instance)
             for b in config.backends
@@ -189,7 +216,8 @@ class BackendPool:
             return
         try:
             response = await self.client.get(f"{backend.control_url}/symram/info",
-                                              timeout=self.config.timeouts.health_timeout_s)
+                                              timeout=self.config.timeouts.health_timeout_s,
+                                              headers=self.control_headers)
             response.raise_for_status()
             info = EngineInfo.parse(response.json())
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
@@ -215,7 +243,8 @@ class BackendPool:
         try:
             for url in backend.control_rank_urls():
                 response = await self.client.get(f"{url}/symram/stats",
-                                                  timeout=self.config.timeouts.health_timeout_s)
+                                                  timeout=self.config.timeouts.health_timeout_s,
+                                                  headers=self.control_headers)
                 response.raise_for_status()
                 for key, value in response.json().items():
                     if isinstance(value, int | float):
@@ -228,6 +257,36 @@ class BackendPool:
         backend.stats_at = now
         for listener in self.stats_listeners:
             listener(backend, totals, now)
+
+    async def discover(self) -> None:
+        """Resolve every discovery name; add backends for new addresses, drop vanished
+        ones. A failed lookup keeps what the last one found."""
+        for spec in self.config.discover:
+            parts = urlsplit(spec.url)
+            assert parts.hostname is not None
+            try:
+                addresses = await self.resolver(
+                    parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+            except OSError as exc:
+                logger.warning("discovery of %s failed (%s): keeping %d known engines",
+                               spec.url, exc, sum(b.source == spec.url for b in self.backends))
+                continue
+            found = {b.name: b for b in (
+                discovered_backend(spec, a, self.config.control_port_offset,
+                                   self.config.limits.max_inflight_per_instance)
+                for a in addresses)}
+            known = {b.name for b in self.backends if b.source == spec.url}
+            for name in known - set(found):
+                logger.info("discovery of %s: engine %s is gone", spec.url, name)
+            self.backends = [b for b in self.backends
+                             if b.source != spec.url or b.name in found]
+            fresh = [b for name, b in found.items()
+                     if name not in known and self.by_name(name) is None]
+            for backend in fresh:
+                logger.info("discovery of %s: engine %s (%s)", spec.url, backend.name,
+                            backend.url)
+            self.backends.extend(fresh)
+            await asyncio.gather(*(self.check(b) for b in fresh))
 
     async def _loop(self, interval: float, step: Callable[[], Any]) -> None:
         while True:
@@ -245,6 +304,9 @@ class BackendPool:
                 t.stats_interval_s,
                 lambda: asyncio.gather(*(self.poll_stats(b) for b in self.backends)))),
         ]
+        if self.config.discover:
+            interval = min(spec.interval_s for spec in self.config.discover)
+            self._tasks.append(asyncio.create_task(self._loop(interval, self.discover)))
 
     async def stop(self) -> None:
         for task in self._tasks:

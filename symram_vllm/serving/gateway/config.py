@@ -3,10 +3,16 @@
 Nested fields come from the environment with ``__``:
 ``SYMRAM_GATEWAY_LIMITS__MAX_BODY_BYTES=1MiB``, ``SYMRAM_GATEWAY_ROUTING__LOAD_PENALTY_TOKENS=256``;
 lists and maps as JSON: ``SYMRAM_GATEWAY_API_KEYS='[{"key": "sk-1", "tenant": "a"}]'``.
+
+Secrets (``api_keys``, ``control_token``, ``tenant_salt_secret``) can also be files in a
+secrets directory (``SYMRAM_GATEWAY_SECRETS_DIR``, e.g. ``/run/secrets``), one file per
+field named like its environment variable in lower case:
+``/run/secrets/symram_gateway_control_token``. The environment wins over the files.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -28,6 +34,9 @@ from symram_vllm.config import parse_bytes
 
 DEFAULT_CONTROL_PORT_OFFSET = 1100  # engine :8000 -> control :9100, as in deploy/
 DEFAULT_NONE_HASH_SEED = "vllm-none-hash"  # vLLM's NONE_HASH seed for sha256_cbor
+# The engine's control endpoint refuses longer key lists (symram_vllm.control.MAX_KEYS;
+# not imported: the gateway stays free of the engine's modules).
+MAX_LOOKUP_KEYS = 1024
 
 
 class ConfigError(ValueError):
@@ -95,8 +104,8 @@ class TenantConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     salt: SecretStr | None = Field(
         default=None,
-        description="Cache namespace of this tenant (default: derived from the tenant name). "
-        "Injected into every request as vLLM's cache_salt.",
+        description="Cache namespace of this tenant (default: HMAC of the tenant name under "
+        "tenant_salt_secret). Injected into every request as vLLM's cache_salt.",
     )
 
 
@@ -106,6 +115,10 @@ class ApiKeyConfig(BaseModel):
     tenant: str = Field(default="default", min_length=1)
     requests_per_minute: float | None = Field(default=None, gt=0)
     tokens_per_minute: float | None = Field(default=None, gt=0)
+    admin: bool = Field(
+        default=False,
+        description="May read /metrics and /dashboard (when any key is admin, only those may)",
+    )
 
     @field_validator("key")
     @classmethod
@@ -133,7 +146,7 @@ class RoutingConfig(BaseModel):
         default=0.8, ge=0, le=1, description="Worth of a block on disk relative to one in DRAM"
     )
     min_prefix_blocks: int = Field(default=1, ge=1)
-    max_lookup_blocks: int = Field(default=4096, ge=1)
+    max_lookup_blocks: int = Field(default=MAX_LOOKUP_KEYS, ge=1, le=MAX_LOOKUP_KEYS)
     session_header: str = Field(default="x-session-id")
     none_hash_seed: str = Field(
         default=DEFAULT_NONE_HASH_SEED,
@@ -149,8 +162,9 @@ class LimitsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_body_bytes: int = Field(default=8 << 20, ge=1024)
     max_tokens_cap: int | None = Field(
-        default=None, ge=1, description="Reject max_tokens above this (400)"
+        default=8192, ge=1, description="Reject max_tokens above this (400); null: no cap"
     )
+    max_n: int = Field(default=8, ge=1, description="Reject n (choices) above this (400)")
     max_inflight_per_instance: int = Field(default=64, ge=1)
     retry_after_s: int = Field(default=1, ge=1)
     requests_per_minute: float | None = Field(
@@ -179,6 +193,24 @@ class TimeoutsConfig(BaseModel):
     readmit_after_successes: int = Field(default=1, ge=1)
     stats_interval_s: float = Field(default=2.0, gt=0)
     shutdown_grace_s: float = Field(default=10.0, ge=0)
+
+
+class DiscoveryConfig(BaseModel):
+    """Engines behind one DNS name: every address it resolves to is a backend."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(description="OpenAI base URL with the DNS name, e.g. "
+                     "http://symram-engine.ns.svc.cluster.local:8000")
+    control_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="Control port on each address (default: engine port + control_port_offset)",
+    )
+    interval_s: float = Field(default=10.0, gt=0, description="How often the name is resolved")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _normalise_url(value, "discovery url")
 
 
 _YAML_PATH: list[Path | None] = [None]
@@ -216,6 +248,23 @@ class GatewayConfig(BaseSettings):
     )
     api_keys: list[ApiKeyConfig] = Field(default_factory=list)
     tenants: dict[str, TenantConfig] = Field(default_factory=dict)
+    tenant_salt_secret: SecretStr | None = Field(
+        default=None,
+        description="Key of the HMAC that turns a tenant name into its cache salt; unset: a "
+        "random one per gateway process (caches do not survive a restart)",
+    )
+    control_token: SecretStr | None = Field(
+        default=None, description="Shared token sent to the engines' control endpoints"
+    )
+    discover: list[DiscoveryConfig] = Field(
+        default_factory=list,
+        description="DNS names (e.g. a Kubernetes headless service) whose addresses are "
+        "engines; re-resolved every interval_s",
+    )
+    protect_metrics: bool = Field(default=True, description="With auth on, /metrics needs a key")
+    protect_dashboard: bool = Field(
+        default=True, description="With auth on, /dashboard and /dashboard/data need a key"
+    )
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
@@ -231,7 +280,7 @@ class GatewayConfig(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, _YamlSource(settings_cls)
+        return init_settings, env_settings, file_secret_settings, _YamlSource(settings_cls)
 
     @field_validator("backends", mode="before")
     @classmethod
@@ -308,8 +357,11 @@ def load_gateway_config(
     """Build the config from defaults, the YAML file `path`, the environment and
     `overrides` (highest). Raises ConfigError with one line per problem."""
     _YAML_PATH[0] = Path(path) if path else None
+    secrets = os.environ.get("SYMRAM_GATEWAY_SECRETS_DIR") or None
+    if secrets and not Path(secrets).is_dir():
+        raise ConfigError(f"SYMRAM_GATEWAY_SECRETS_DIR={secrets} is not a directory")
     try:
-        return GatewayConfig(**(overrides or {}))
+        return GatewayConfig(**(overrides or {}), _secrets_dir=secrets)
     except ValidationError as exc:
         source = f" (file {path})" if path else ""
         raise ConfigError(f"invalid gateway config{source}:\n{_describe(exc)}") from exc

@@ -75,10 +75,13 @@ class RateLimiter:
                 code="rate_limit_exceeded", reason="rate_requests",
                 headers={"Retry-After": str(max(1, math.ceil(wait)))})
 
-    def charge_tokens(self, key: str, per_minute: float | None, tokens: int) -> None:
+    def charge_tokens(self, key: str, per_minute: float | None, tokens: int) -> int:
+        """Take `tokens` (at most a full bucket) or raise 429; returns what was taken,
+        the amount `settle_tokens` must later correct."""
         if per_minute is None:
-            return
-        wait = self._bucket(key, "tokens", per_minute).take(tokens)
+            return 0
+        bucket = self._bucket(key, "tokens", per_minute)
+        wait = bucket.take(tokens)
         if wait > 0:
             raise GatewayError(
                 429, f"Rate limit reached: {per_minute:g} tokens per minute for this API key; "
@@ -86,12 +89,15 @@ class RateLimiter:
                 f"{wait:.1f} s.",
                 code="rate_limit_exceeded", reason="rate_tokens",
                 headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        return int(min(tokens, bucket.capacity))
 
-    def settle_tokens(self, key: str, per_minute: float | None, charged: int, used: int) -> None:
-        """Correct a charge once the reply's real token count is known."""
-        if per_minute is None or used == charged:
+    def settle_tokens(self, key: str, per_minute: float | None, taken: int, used: int) -> None:
+        """Correct a charge once the reply's real token count is known. `taken` is what
+        `charge_tokens` returned, not what was asked: refunding the uncapped request
+        let a request above the bucket's capacity refill the bucket (issue J)."""
+        if per_minute is None or used == taken:
             return
-        self._bucket(key, "tokens", per_minute).adjust(used - charged)
+        self._bucket(key, "tokens", per_minute).adjust(used - taken)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -50,10 +50,12 @@ class ControlLocator(PrefixLocator):
         client: httpx.AsyncClient,
         timeout_s: float,
         on_failure: Callable[[Backend, str], None] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.client = client
         self.timeout_s = timeout_s
         self.on_failure = on_failure
+        self.headers = headers or {}  # the control token
 
     async def _ask(self, query: LocateQuery) -> tuple[str, PrefixHit | None]:
         backend = query.backend
@@ -64,6 +66,7 @@ class ControlLocator(PrefixLocator):
                 f"{backend.control_url}/symram/lookup",
                 json={"keys": [k.hex() for k in query.keys]},
                 timeout=self.timeout_s,
+                headers=self.headers,
             )
             response.raise_for_status()
             data = response.json()
