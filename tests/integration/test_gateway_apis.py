@@ -34,6 +34,9 @@ from symram_vllm.serving.gateway.prompt import tokenize_request
 pytestmark = pytest.mark.engine
 
 BLOCK = 128
+CONTROL_TOKEN = "gateway-apis-control-token"
+# The operator commands read the token from the local config, as on an engine host.
+CLI_ENV = {**os.environ, "SYMRAM_CONTROL_TOKEN": CONTROL_TOKEN}
 KEYS = [{"key": "sk-tenant-a-0001", "tenant": "a"}, {"key": "sk-tenant-b-0001", "tenant": "b"}]
 
 
@@ -52,7 +55,8 @@ class GatewayProcess:
         env = {**os.environ, "SYMRAM_GATEWAY_TIMEOUTS__HEALTH_INTERVAL_S": "0.5",
                "SYMRAM_GATEWAY_ROUTING__LOOKUP_TIMEOUT_S": "3",
                "SYMRAM_GATEWAY_LIMITS__MAX_TOKENS_CAP": "64",
-               "SYMRAM_GATEWAY_API_KEYS": json.dumps(KEYS)}
+               "SYMRAM_GATEWAY_API_KEYS": json.dumps(KEYS),
+               "SYMRAM_GATEWAY_CONTROL_TOKEN": CONTROL_TOKEN}
         self.log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 60
@@ -88,6 +92,7 @@ def fleet(tiny_model, artifacts_dir):
             tiny_model, artifacts_dir / f"gateway_apis_{name}.log", kv_cache_bytes=8 << 20,
             max_model_len=4096, extra_vllm_args=["--max-num-batched-tokens", "8192"],
             env={"SYMRAM_CONTROL_PORT": str(control), "SYMRAM_INSTANCE_ID": name,
+                 "SYMRAM_CONTROL_TOKEN": CONTROL_TOKEN,
                  "VLLM_ENABLE_RESPONSES_API_STORE": "1"}), control))
     gateway = None
     try:
@@ -263,7 +268,7 @@ def test_operator_commands_on_a_real_engine(fleet):
     deadline = time.monotonic() + 60
     while True:
         out = subprocess.run([*base, "inspect", *where, "--json", prompt],
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=60, env=CLI_ENV)
         assert out.returncode == 0, out.stderr
         report = json.loads(out.stdout)
         if report["held_blocks"]["any"] == report["full_blocks"] or \
@@ -272,10 +277,10 @@ def test_operator_commands_on_a_real_engine(fleet):
         time.sleep(0.5)
     assert report["full_blocks"] >= 3 and report["held_blocks"]["any"] == report["full_blocks"]
     pinned = subprocess.run([*base, "pin", *where, "--ttl", "120", prompt],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60, env=CLI_ENV)
     assert pinned.returncode == 0 and f"pinned {report['full_blocks']} of" in pinned.stdout
     stats = subprocess.run([*base, "stats", "--control", f"http://127.0.0.1:{control}",
-                            "--json"], capture_output=True, text=True, timeout=60)
+                            "--json"], capture_output=True, text=True, timeout=60, env=CLI_ENV)
     assert stats.returncode == 0
     summary = json.loads(stats.stdout)["summary"]
     assert summary["dram"]["pages"] >= report["full_blocks"]
@@ -302,13 +307,13 @@ def test_bypass_switch_is_audited_and_shows_in_the_engines_metrics(fleet):
     wait_gauge(0.0)
     try:
         on = subprocess.run([*base, "on", *where, "--reason", "integration test"],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60, env=CLI_ENV)
         assert on.returncode == 0, on.stderr
         wait_gauge(1.0)
         assert "symram bypass ON" in engine.log_path.read_text()  # the audit line
     finally:
         off = subprocess.run([*base, "off", *where], capture_output=True, text=True,
-                             timeout=60)
+                             timeout=60, env=CLI_ENV)
     assert off.returncode == 0, off.stderr
     wait_gauge(0.0)
 
