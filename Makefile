@@ -1,6 +1,7 @@
 # symram: two commands for a newcomer.
-#   make run   set up, build the demo model, start the stack (redis + vLLM/symram + gateway)
-#   make test  set up and run the test suite
+#   make run   set up (only what running needs), build the demo model, start the stack
+#              (redis + vLLM/symram + gateway)
+#   make test  set up (adding the browser the dashboard test drives) and run the suite
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,10 +9,13 @@ SIZE ?= mid
 MODEL_DIR ?= .symram/models/$(SIZE)
 PORT ?= 8000
 
-.PHONY: setup run serve test test-fast lint bench-ttft bench-codecs bench-directory bench-gateway model clean ab ab-smoke up
+.PHONY: setup setup-test run serve test test-fast lint bench-ttft bench-codecs bench-directory bench-gateway model clean ab ab-smoke up
 
 setup:
 	@bash scripts/setup.sh
+
+setup-test:
+	@bash scripts/setup.sh --test
 
 model: setup
 	@$(VENV)/bin/symram demo-model $(MODEL_DIR) --size $(SIZE)
@@ -23,7 +27,7 @@ run: setup
 serve: model
 	@$(VENV)/bin/symram serve $(MODEL_DIR) --port $(PORT)
 
-test: setup
+test: setup-test
 	@bash scripts/test.sh
 
 test-fast: setup

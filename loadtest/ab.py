@@ -2,7 +2,7 @@
 
     python -m loadtest.ab               # full run on the mid model (~20-25 min on 2 cores)
     python -m loadtest.ab --smoke       # tiny model, 2 points, ~3 min
-    symram ab [options]                 # the same
+    make ab AB_ARGS="..."               # the same (a repository tool: not in the wheel)
 
 Both arms start with identical engine arguments and the same vLLM KV-cache size, sized
 to hold about two chat users' histories, so a vanilla engine serving more users must

@@ -593,7 +593,7 @@ class ArmRun:
     def bytes_per_dram_page(self) -> float:
         m = self.metrics[-1]
         pages = m.get("symram:dram_pages", 0.0)
-        return m.get("symram:dram_bytes_used", 0.0) / pages if pages else 0.0
+        return m.get("symram:dram_used_bytes", 0.0) / pages if pages else 0.0
 
 
 def run_arm(model: Path, log: Path, codec: str | None, prompts: Sequence[list[int]],

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The test command: lint, then the whole suite (unit + real-engine integration).
+# The test command: the wheel check, lint, then the whole suite (unit + real-engine
+# integration).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 VENV="${SYMRAM_VENV:-.venv}"
+bash scripts/wheel_check.sh || exit 1
 "$VENV/bin/ruff" check symram_vllm tests loadtest || exit 1
 "$VENV/bin/python" -m pytest -q --timeout=900 "$@"
 rc=$?

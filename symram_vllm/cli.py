@@ -1,22 +1,36 @@
-"""The `symram` command line."""
+"""The `symram` command line.
+
+Importing this module and building the parser imports neither torch nor vLLM: each
+command imports what it needs when it runs, so `symram --help`, `symram gateway` and
+`symram doctor` work on a gateway-only install.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from symram_vllm.config import ConfigError, parse_bytes
+from symram_vllm import __version__
 
 EPILOG = """examples:
-  symram demo-model .symram/models/mid --size mid
-  symram serve .symram/models/mid --port 8000
-  symram serve MODEL --kv-connector symram --dram-bytes 16GiB -- --max-model-len 8192
-  symram doctor
   symram up                      # redis + vLLM/symram engine(s) + gateway on :8000
-  symram ab --smoke              # Locust A/B: vanilla vLLM vs vLLM+symram
+  symram serve MODEL --port 8000 --max-model-len 8192   # vLLM's own flags pass through
+  symram serve MODEL --dram-bytes 16G -- --enforce-eager
+  symram gateway --backend http://127.0.0.1:8001 --backend http://127.0.0.1:8002
+  symram stats                   # tier occupancy and hit rates of a running engine
+  symram inspect "def fibonacci(n):" --engine http://127.0.0.1:8000
+  symram pin "<system prompt>" --ttl 3600
+  symram bypass on --reason "suspect cache"   # kill switch; `symram bypass off` resumes
+  symram doctor [--config]
+  symram demo-model .symram/models/mid --size mid
+
+The A/B load test is a repository tool, not part of the package: `make ab`
+(python -m loadtest.ab) in a symram checkout.
 """
+
+# Commands whose unknown arguments belong to vLLM.
+PASSTHROUGH = ("serve", "up")
 
 
 def _cmd_demo_model(args: argparse.Namespace) -> int:
@@ -34,6 +48,7 @@ def _cmd_demo_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from symram_vllm.config import parse_bytes
     from symram_vllm.serving.launcher import ServeOptions, serve
 
     extra: dict[str, object] = {}
@@ -45,35 +60,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             return 2
     if args.symram_config:
         extra["config_file"] = str(args.symram_config)
-    vllm_args = list(getattr(args, "vllm_args", []))
     options = ServeOptions(
         model=args.model,
         host=args.host,
         port=args.port,
         kv_connector=args.kv_connector,
         extra_config=extra,
-        vllm_args=vllm_args,
+        vllm_args=list(args.vllm_args),
     )
     return serve(options, dry_run=args.dry_run)
 
 
-def _cmd_doctor(_args: argparse.Namespace) -> int:
-    from symram_vllm import capability
-    from symram_vllm.config import load_config
-    from symram_vllm.serving.launcher import vllm_distribution
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from symram_vllm import doctor
 
-    try:
-        config = load_config()
-    except ConfigError as exc:
-        print(f"config: ERROR {exc}")
-        return 1
-    report = {
-        "vllm_distribution": vllm_distribution() or "not installed",
-        **capability.describe(),
-        "config": config.model_dump(mode="json"),
-    }
-    print(json.dumps(report, indent=2))
-    return 0
+    return doctor.run(show_config=args.config)
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -83,26 +84,32 @@ def _cmd_up(args: argparse.Namespace) -> int:
         model=args.model, size=args.size, instances=args.instances, host=args.host,
         port=args.port, dram_bytes=args.dram_bytes, disk_bytes=args.disk_bytes,
         state_dir=args.state_dir, redis=not args.no_redis, gateway=not args.no_gateway,
-        vllm_args=list(getattr(args, "vllm_args", [])),
+        vllm_args=list(args.vllm_args),
     )
     return up(options)
 
 
-def _cmd_ab(args: argparse.Namespace) -> int:
-    return run_ab(list(args.ab_args))
+# The snapshot tools import the disk tier (torch): their parser is built only when one
+# of them runs, so `symram --help` stays torch-free.
+SNAPSHOT_COMMANDS = {
+    "snapshot": "write a tamper-evident manifest of a (stopped) engine's disk tier",
+    "restore": "verify a snapshot and make the next engine start use it",
+}
 
 
-def run_ab(argv: list[str]) -> int:
-    # The A/B runner lives in the repository's loadtest/, next to this package.
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "loadtest" / "ab.py").exists():
-        print("symram ab: loadtest/ab.py not found; run it from a symram checkout "
-              "(python -m loadtest.ab)", file=sys.stderr)
-        return 2
-    sys.path.insert(0, str(root))
-    from loadtest.ab import main as ab_main
+def _cmd_snapshot_tool(argv: list[str]) -> int:
+    from symram_vllm.snapshot_cli import add_commands
 
-    return ab_main(argv)
+    parser = argparse.ArgumentParser(prog="symram")
+    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    from symram_vllm.serving.gateway.__main__ import main as gateway_main
+
+    return gateway_main(args.gateway_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"symram {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser(
@@ -133,10 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="start vLLM's OpenAI server with the symram connector",
-        description="Expands to vLLM's server with --kv-transfer-config "
+        description="Starts vLLM's OpenAI server (python -m "
+        "vllm.entrypoints.launchers.api_server.entry) with --kv-transfer-config "
         '\'{"kv_connector":"symram","kv_role":"kv_both"}\' and '
         "--prefix-caching-hash-algo sha256_cbor, prints the command, waits for "
-        "health and prints a sample request. Arguments after `--` go to vLLM.",
+        "health and prints a sample request. Every option not listed here is vLLM's and "
+        "is passed to it as given (after `--` too).",
+        usage="symram serve MODEL [options] [vLLM options ...] [-- vLLM options ...]",
+        allow_abbrev=False,  # a vLLM flag must never be read as an abbreviation of ours
     )
     serve.add_argument("model", help="model path or name, as for `vllm serve`")
     serve.add_argument("--host", default="127.0.0.1")
@@ -146,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="symram",
         help="symram (default) or none for a vanilla vLLM baseline",
     )
-    serve.add_argument("--dram-bytes", help="DRAM tier budget, e.g. 8GiB (default 4GiB)")
+    serve.add_argument("--dram-bytes", help="DRAM tier budget, e.g. 8G (= 8 GiB; default 4G)")
     serve.add_argument("--symram-config", type=Path, help="YAML config file for symram")
     serve.add_argument("--dry-run", action="store_true", help="print the vLLM command only")
     serve.set_defaults(func=_cmd_serve)
@@ -157,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="One-command local stack: redis-server (if installed), N vLLM + "
         "symram engines with control ports and the Redis directory, and the gateway on "
         "--port. Waits for health, prints the URL and a sample request; logs go to "
-        "STATE_DIR/logs. Arguments after `--` go to every vLLM engine.",
+        "STATE_DIR/logs. Options not listed here (and those after `--`) go to every "
+        "vLLM engine.",
+        allow_abbrev=False,
     )
     up.add_argument("--model", help="model path or name (default: the demo model)")
     up.add_argument("--size", default="mid", help="demo model size when --model is unset")
@@ -172,18 +186,27 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-gateway", action="store_true", help="serve engine 0 directly")
     up.set_defaults(func=_cmd_up)
 
-    ab = sub.add_parser(
-        "ab", help="Locust A/B load test: vanilla vLLM vs vLLM+symram (python -m loadtest.ab)",
-        add_help=False,
-    )
-    ab.add_argument("ab_args", nargs=argparse.REMAINDER, help="options of python -m loadtest.ab")
-    ab.set_defaults(func=_cmd_ab)
+    gateway = sub.add_parser(
+        "gateway", add_help=False,
+        help="the OpenAI-compatible gateway with KV-aware routing (symram gateway --help)")
+    gateway.add_argument("gateway_args", nargs=argparse.REMAINDER)
+    gateway.set_defaults(func=_cmd_gateway)
 
-    from symram_vllm.snapshot_cli import add_commands as add_snapshot_commands
+    from symram_vllm.ops_cli import add_commands as add_ops_commands
 
-    add_snapshot_commands(sub)
+    add_ops_commands(sub)
+    for name, summary in SNAPSHOT_COMMANDS.items():
+        tool = sub.add_parser(name, add_help=False, help=f"{summary} (symram {name} --help)")
+        tool.add_argument("tool_args", nargs=argparse.REMAINDER)
 
-    doctor = sub.add_parser("doctor", help="show capabilities (CUDA, pinned memory, kvikio)")
+    doctor = sub.add_parser(
+        "doctor", help="check this host (vLLM, torch/CUDA, Redis, disk) and the config",
+        description="Checks the vLLM version, CUDA/pinned memory/kvikio, that the "
+        "configured Redis answers, and free disk space against disk_bytes; exit status 1 "
+        "when a check fails.")
+    doctor.add_argument("--config", action="store_true",
+                        help="print the resolved configuration (defaults < file < SYMRAM_* "
+                        "env) and exit")
     doctor.set_defaults(func=_cmd_doctor)
     return parser
 
@@ -191,15 +214,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["ab"]:  # all of it, --help and `--` included, is the runner's
-        return run_ab(argv[1:])
+    if argv[:1] == ["gateway"]:  # all of it, --help included, is the gateway's
+        return _cmd_gateway(argparse.Namespace(gateway_args=argv[1:]))
+    if argv[:1] and argv[0] in SNAPSHOT_COMMANDS:
+        return _cmd_snapshot_tool(argv)
     # Everything after `--` belongs to vLLM, untouched by our parser.
     passthrough: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
         argv, passthrough = argv[:cut], argv[cut + 1 :]
-    args = parser.parse_args(argv)
-    args.vllm_args = passthrough
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command not in PASSTHROUGH:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if passthrough and args.command not in PASSTHROUGH:
+        parser.error(f"`--` passes arguments to vLLM; `symram {args.command}` takes none")
+    args.vllm_args = unknown + passthrough
     return int(args.func(args) or 0)
 
 

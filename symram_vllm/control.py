@@ -13,6 +13,10 @@ It knows the ``TierStack`` and nothing of vLLM. Endpoints (JSON):
 * ``POST /symram/prefetch``  ``{"keys": [...], "wait_s": 0.5}`` ->
   ``{"requested", "dram_resident", "promoted", "done"}``
 * ``GET  /symram/stats``     ``TierStack.stats()``
+* ``POST /symram/pin``       ``{"keys": [...], "ttl_s": 600}`` -> ``{"requested", "pinned"}``
+* ``POST /symram/unpin``     ``{"keys": [...]}`` -> ``{"requested"}``
+* ``GET|POST /symram/bypass`` the kill switch (``symram_vllm.bypass``):
+  ``{"active": true, "reason": "..."}`` -> ``{"active", "changed", "by", "reason"}``
 * ``GET  /health``           ``{"ok": true}`` (the only path open without the token)
 
 Every other path needs the shared control token, and all of them sit behind
@@ -180,6 +184,7 @@ def build_control_app(stack: StackLike, rank: int, info: dict[str, Any]) -> Fast
     async def stats() -> dict[str, float]:
         return stack.stats()
 
+    add_operator_routes(app, stack, keys_of)
     return app
 
 
@@ -251,3 +256,50 @@ class ControlServer:
         self._thread.join(timeout_s)
         self._server = None
         self._thread = None
+
+
+# -- operator routes (`symram pin` / `symram bypass`) ------------------------------------
+MAX_PIN_TTL_S = 30 * 24 * 3600.0
+
+
+class PinBody(LookupBody):
+    ttl_s: float = Field(default=3600.0, gt=0, le=MAX_PIN_TTL_S,
+                         description="Seconds the prefix stays resident.")
+
+
+class BypassBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    active: bool
+    reason: str = Field(default="", max_length=500)
+    by: str = Field(default="", max_length=200, description="Who asked (for the audit log).")
+
+
+def add_operator_routes(app: FastAPI, stack: Any, keys_of: Any) -> None:
+    """Pin/unpin a prefix for a TTL, and the bypass kill switch."""
+    from symram_vllm import bypass
+
+    @app.post("/symram/pin")
+    async def pin(body: PinBody) -> dict[str, Any]:
+        keys = keys_of(body)
+        pinned = sum(bool(stack.pin(key, body.ttl_s)) for key in keys)
+        logger.info("symram control: pinned %d of %d blocks for %.0f s", pinned, len(keys),
+                    body.ttl_s)
+        return {"requested": len(keys), "pinned": pinned, "ttl_s": body.ttl_s}
+
+    @app.post("/symram/unpin")
+    async def unpin(body: LookupBody) -> dict[str, Any]:
+        keys = keys_of(body)
+        for key in keys:
+            stack.unpin(key)
+        return {"requested": len(keys)}
+
+    @app.get("/symram/bypass")
+    async def bypass_state() -> dict[str, Any]:
+        state = bypass.switch().state()
+        return {"active": state is not None, **(state or {})}
+
+    @app.post("/symram/bypass")
+    async def set_bypass(body: BypassBody, request: Request) -> dict[str, Any]:
+        client = request.client.host if request.client else "unknown"
+        who = f"{body.by} from {client}" if body.by else client
+        return bypass.switch().set(body.active, by=who, reason=body.reason)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from symram_vllm import latency_sink
 from symram_vllm.keys import BlockKey
 from symram_vllm.policy import PolicyConfig
 from symram_vllm.tiers.disk import DiskTier
@@ -229,7 +230,9 @@ class TieredStore:
         start = time.perf_counter()
         view = self.stack.acquire(key)
         self._count("get_hits" if view is not None else "get_misses")
-        self.get_latency.add(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        self.get_latency.add(elapsed)
+        latency_sink.record("get", elapsed)  # symram:page_get_duration_seconds
         return view
 
     def release(self, key: BlockKey) -> None:

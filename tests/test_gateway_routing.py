@@ -116,8 +116,8 @@ def test_request_goes_to_the_engine_holding_its_prefix():
         second = route_of(post(url, fresh + " More."))
         assert second["instance"] == first["instance"] and second["reason"] == "prefix"
         metrics = httpx.get(f"{url}/metrics").text
-    assert 'symram_gateway_route_decisions_total{instance="b",reason="prefix"} 1.0' in metrics
-    assert f'symram_gateway_matched_prefix_tokens_by_instance_total{{instance="b"}} ' \
+    assert 'symram_gateway_route_decisions_total{backend="b",reason="prefix"} 1.0' in metrics
+    assert f'symram_gateway_matched_prefix_tokens_by_backend_total{{backend="b"}} ' \
            f'{45.0 * BLOCK}' in metrics
     assert gw.route_counts["prefix"] == 2
 
@@ -174,8 +174,8 @@ def test_prefetch_on_arrival_promotes_the_disk_part(tmp_path):
         assert a.stack.stats()["stack_prefetched"] == 8
     assert got.headers["x-symram-prefetch"] == "requested=8;resident=8"
     assert route_of(got)["dram_blocks"] == "0" and route_of(got)["matched_blocks"] == "8"
-    assert 'symram_gateway_prefetched_blocks_total{instance="a"} 8.0' in metrics
-    assert 'symram_gateway_prefetches_total{instance="a",outcome="complete"} 1.0' in metrics
+    assert 'symram_gateway_prefetched_blocks_total{backend="a"} 8.0' in metrics
+    assert 'symram_gateway_prefetches_total{backend="a",outcome="complete"} 1.0' in metrics
 
 
 def test_unhealthy_engine_is_ejected_then_readmitted():

@@ -20,8 +20,8 @@ DS = {"type": "prometheus", "uid": "${datasource}"}
 # Every query is filtered by the instance picker.
 SEL = '{instance=~"$instance"}'
 
-# The gateway labels its series by engine as `instance`; Prometheus keeps its own
-# `instance` (the scrape target) and renames the gateway's to `exported_instance`.
+# The gateway labels its series by engine as `backend` (Prometheus's own `instance` is the
+# scrape target: the gateway itself).
 GW_RATE = "[$__rate_interval]"
 
 # (title, unit, [(expr, legend)]) per row
@@ -92,8 +92,8 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]]]]]] = [
              f"{GW_RATE})))", "p95"),
         ]),
         ("Routing decisions (/s) by engine and reason", "short", [
-            ("sum by (exported_instance, reason) (rate(symram_gateway_route_decisions_total"
-             f"{GW_RATE}))", "{{exported_instance}} {{reason}}"),
+            ("sum by (backend, reason) (rate(symram_gateway_route_decisions_total"
+             f"{GW_RATE}))", "{{backend}} {{reason}}"),
         ]),
         ("Matched prefix tokens at routing (p50 / p95)", "short", [
             ("histogram_quantile(0.5, sum by (le) (rate("
@@ -107,10 +107,8 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]]]]]] = [
             (f"sum(rate(symram_gateway_prefetched_blocks_total{GW_RATE}))", "blocks promoted"),
         ]),
         ("Engines: in flight, healthy, errors", "short", [
-            ("sum by (exported_instance) (symram_gateway_inflight)",
-             "in flight {{exported_instance}}"),
-            ("min by (exported_instance) (symram_gateway_backend_healthy)",
-             "healthy {{exported_instance}}"),
+            ("sum by (backend) (symram_gateway_inflight)", "in flight {{backend}}"),
+            ("min by (backend) (symram_gateway_backend_healthy)", "healthy {{backend}}"),
             (f"sum by (kind) (rate(symram_gateway_upstream_errors_total{GW_RATE}))",
              "upstream error: {{kind}}"),
             (f"sum(rate(symram_gateway_retries_total{GW_RATE}))", "retries"),
@@ -120,18 +118,26 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]]]]]] = [
         ("Copy bandwidth", "Bps", [
             (f"sum(rate(symram:load_bytes_total{SEL}[$__rate_interval]))", "load (tier -> engine)"),
             (f"sum(rate(symram:save_bytes_total{SEL}[$__rate_interval]))", "save (engine -> tier)"),
-            (f"sum(rate(symram:disk_bytes_read_total{SEL}[$__rate_interval]))", "disk read"),
-            (f"sum(rate(symram:disk_bytes_written_total{SEL}[$__rate_interval]))", "disk write"),
+            (f"sum(rate(symram:disk_read_bytes_total{SEL}[$__rate_interval]))", "disk read"),
+            (f"sum(rate(symram:disk_written_bytes_total{SEL}[$__rate_interval]))", "disk write"),
         ]),
         ("Tier occupancy", "percentunit", [
-            (f"sum by (instance) (symram:dram_bytes_used{SEL}) / "
-             f"sum by (instance) (symram:dram_bytes_capacity{SEL})", "DRAM {{instance}}"),
-            (f"sum by (instance) (symram:disk_bytes_used{SEL}) / "
-             f"sum by (instance) (symram:disk_bytes_capacity{SEL})", "disk {{instance}}"),
+            (f"sum by (instance) (symram:dram_used_bytes{SEL}) / "
+             f"sum by (instance) (symram:dram_capacity_bytes{SEL})", "DRAM {{instance}}"),
+            (f"sum by (instance) (symram:disk_used_bytes{SEL}) / "
+             f"sum by (instance) (symram:disk_capacity_bytes{SEL})", "disk {{instance}}"),
         ]),
-        ("Page get latency", "s", [
-            (f"max by (instance) (symram:get_p50_seconds{SEL})", "p50 {{instance}}"),
-            (f"max by (instance) (symram:get_p95_seconds{SEL})", "p95 {{instance}}"),
+        ("Page get latency (p50 / p95, all engines)", "s", [
+            ("histogram_quantile(0.5, sum by (le) (rate("
+             f"symram:page_get_duration_seconds_bucket{SEL}[$__rate_interval])))", "p50"),
+            ("histogram_quantile(0.95, sum by (le) (rate("
+             f"symram:page_get_duration_seconds_bucket{SEL}[$__rate_interval])))", "p95"),
+        ]),
+        ("Load / save job latency (p95)", "s", [
+            ("histogram_quantile(0.95, sum by (le) (rate("
+             f"symram:load_duration_seconds_bucket{SEL}[$__rate_interval])))", "load p95"),
+            ("histogram_quantile(0.95, sum by (le) (rate("
+             f"symram:save_duration_seconds_bucket{SEL}[$__rate_interval])))", "save p95"),
         ]),
         ("Evictions, spills, promotions (/s)", "short", [
             (f"sum(rate(symram:dram_evictions_total{SEL}[$__rate_interval]))", "DRAM evictions"),
@@ -147,6 +153,7 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]]]]]] = [
             (f"sum(increase(symram:disk_write_errors_total{SEL}[$__range]))", "write errors"),
             (f"max(symram:disk_writes_disabled{SEL})", "writes disabled"),
             (f"max(symram:disk_write_queue_depth{SEL})", "write queue depth"),
+            (f"max by (instance) (symram:bypass_active{SEL})", "bypass on {{instance}}"),
         ]),
     ]),
 ]

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from symram_vllm.bypass import bypass_active
 from symram_vllm.connectors.kv_events import TierEventLog
 from symram_vllm.connectors.metadata import BlockJob, SymramConnectorMetadata, SymramWorkerMetadata
 from symram_vllm.connectors.residency import RankReports
@@ -151,6 +152,9 @@ class SchedulerSide:
     ) -> tuple[int | None, bool]:
         state = self._state(request)
         state.local_computed_tokens = num_computed_tokens
+        if bypass_active():  # the kill switch: vLLM computes everything itself
+            self._release(state)
+            return 0, False
         # vLLM must compute at least the last prompt token itself (it needs its logits).
         loadable_blocks = min(len(state.keys), (request.num_tokens - 1) // self.block_size)
         local_blocks = num_computed_tokens // self.block_size
@@ -240,6 +244,8 @@ class SchedulerSide:
     ) -> BlockJob | None:
         state = self._requests.get(req_id)
         if state is None or computed_before is None or self.kv_cache_manager is None:
+            return None
+        if bypass_active():
             return None
         request = state.request
         self._state(request)  # pick up block hashes of newly appended tokens

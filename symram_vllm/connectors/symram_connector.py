@@ -22,6 +22,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from symram_vllm import bypass, latency_sink
 from symram_vllm.config import ConfigError, SymramConfig, load_config
 from symram_vllm.connectors.families import check_model_family
 from symram_vllm.connectors.kv_layout_choice import choose_kv_layout
@@ -210,6 +211,7 @@ class SymramConnector(KVConnectorBase_V1):
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self.config = _read_config(vllm_config)
+        bypass.configure(self.config.control_port)  # the engine-wide kill switch
         # One clear refusal at start for a model family symram cannot serve (Mamba and
         # linear-attention state, MLA without prefix caching, 8-bit codecs over an fp8
         # cache), naming the layer kinds and what to do: never a crash mid-serving.
@@ -348,6 +350,8 @@ class SymramConnector(KVConnectorBase_V1):
                 stats.add(name, value)
         for name, value in gauges.items():
             stats.set_gauge(name, value)
+        stats.add_latencies(latency_sink.drain())
+        stats.set_gauge("bypass_active", float(bypass.bypass_active()))
         return None if stats.is_empty() else stats
 
     def shutdown(self) -> None:

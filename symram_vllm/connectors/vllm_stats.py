@@ -1,12 +1,25 @@
 """symram counters in vLLM's connector-stats pipeline, so they show up in vLLM's own
 ``/metrics`` (prefix ``symram:``) and in its periodic log line.
 
-The payload is ``{"counters": {name: n}, "gauges": {name: x}}``: plain strings and
-numbers, so it survives vLLM's IPC without our classes on the receiving side.
+The payload is ``{"counters": {name: n}, "gauges": {name: {source: x}},
+"histograms": {name: {"counts": [...], "sums": [...]}}}``: plain strings, numbers and
+lists, so it survives vLLM's IPC without our classes on the receiving side.
+
+* Counters add up (across ranks and steps).
+* Gauges are kept per source process (each TP rank's worker, the scheduler): a newer
+  value replaces that source's older one, and the exported value is the sum over
+  sources (bytes, pages) or the maximum (flags, ratios), so TP > 1 reports the engine's
+  total rather than whichever rank came last.
+* Histograms (``latency_sink``) carry bucket counts and sums, exported as Prometheus
+  histograms that aggregate across engines.
+
+Exported names put the unit last (``symram:dram_used_bytes``); ``EXPORTED`` maps the
+payload's internal names (shared with the tier stats) to them.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +31,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     PromMetricT,
 )
 
+from symram_vllm import latency_sink
+
 COUNTERS: dict[str, str] = {
     "loaded_blocks": "KV blocks loaded from symram tiers into the engine",
     "load_failed_blocks": "KV blocks whose load failed (vLLM recomputed them)",
@@ -26,8 +41,6 @@ COUNTERS: dict[str, str] = {
     "nonfinite_pages": "KV blocks not saved because they held inf/NaN (int8/fp8 codecs)",
     "load_bytes": "Bytes copied from symram tiers into the engine",
     "save_bytes": "Bytes copied from the engine into symram tiers",
-    "load_seconds": "Seconds spent copying pages into the engine",
-    "save_seconds": "Seconds spent copying pages out of the engine",
     "dram_evictions": "Pages evicted from the DRAM tier",
     "dram_hits": "Page reads served from the DRAM tier",
     "disk_hits": "Page reads served from the disk tier (promoted to DRAM)",
@@ -39,8 +52,8 @@ COUNTERS: dict[str, str] = {
     "disk_evictions": "Pages evicted from the disk tier",
     "integrity_failures": "Disk pages that failed verification (quarantined, recomputed)",
     "disk_write_errors": "Disk tier write errors (ENOSPC, EIO, ...)",
-    "disk_bytes_written": "Bytes written to the disk tier",
-    "disk_bytes_read": "Bytes read from the disk tier",
+    "disk_written_bytes": "Bytes written to the disk tier",
+    "disk_read_bytes": "Bytes read from the disk tier",
     "remote_hits": "Page reads served by another engine's tier (peer disk slot or Redis)",
     "peer_disk_hits": "Page reads served from another engine's slot of a shared disk_path",
     "redis_hits": "Page reads served from the Redis page tier",
@@ -60,15 +73,13 @@ COUNTERS: dict[str, str] = {
 }
 GAUGES: dict[str, str] = {
     "dram_pages": "Pages resident in the DRAM tier",
-    "dram_bytes_used": "Bytes used in the DRAM tier",
-    "dram_bytes_capacity": "DRAM tier budget in bytes",
+    "dram_used_bytes": "Bytes used in the DRAM tier",
+    "dram_capacity_bytes": "DRAM tier budget in bytes",
     "disk_pages": "Pages on the disk tier",
-    "disk_bytes_used": "Bytes used on the disk tier",
-    "disk_bytes_capacity": "Disk tier budget in bytes",
+    "disk_used_bytes": "Bytes used on the disk tier",
+    "disk_capacity_bytes": "Disk tier budget in bytes",
     "disk_write_queue_depth": "Disk writes staged or running",
     "disk_writes_disabled": "1 while disk writes are stopped by an I/O error",
-    "get_p50_seconds": "Median page get latency",
-    "get_p95_seconds": "95th percentile page get latency",
     "peer_disk_slots": "Other engines' slot directories readable on the shared disk_path",
     "dedupe_logical_bytes": "Bytes requested to be stored (every block, every request)",
     "dedupe_physical_bytes": "Bytes of distinct blocks stored (fleet-wide with Redis)",
@@ -76,7 +87,40 @@ GAUGES: dict[str, str] = {
     "dedupe_physical_blocks": "Distinct blocks stored",
     "dedupe_ratio": "Logical over physical bytes",
     "directory_available": "1 while the block directory (Redis) is reachable",
+    "bypass_active": "1 while `symram bypass on` stops symram's loads and saves",
 }
+# Exported as the maximum over sources, not the sum: flags, ratios, per-rank views.
+MAX_GAUGES = frozenset({"disk_writes_disabled", "directory_available", "bypass_active",
+                        "dedupe_ratio", "peer_disk_slots"})
+HISTOGRAMS: dict[str, tuple[str, str]] = {
+    "get": ("page_get_duration_seconds", "Latency of one page get from the tiers"),
+    "load": ("load_duration_seconds", "Latency of one load job (tiers -> engine)"),
+    "save": ("save_duration_seconds", "Latency of one save job (engine -> tiers)"),
+}
+# Payload name (the tier stats' spelling) -> exported name (unit last).
+EXPORTED: dict[str, str] = {
+    "disk_bytes_written": "disk_written_bytes",
+    "disk_bytes_read": "disk_read_bytes",
+    "dram_bytes_used": "dram_used_bytes",
+    "dram_bytes_capacity": "dram_capacity_bytes",
+    "disk_bytes_used": "disk_used_bytes",
+    "disk_bytes_capacity": "disk_capacity_bytes",
+}
+SOURCE = str(os.getpid())  # this process: one TP rank's worker, or the scheduler
+
+
+def exported(name: str) -> str:
+    return EXPORTED.get(name, name)
+
+
+def gauge_value(name: str, per_source: Any) -> float:
+    """A gauge over its sources (older payloads carried a bare number)."""
+    if not isinstance(per_source, dict):
+        return float(per_source)
+    values = [float(v) for v in per_source.values()]
+    if not values:
+        return 0.0
+    return max(values) if exported(name) in MAX_GAUGES else sum(values)
 
 
 @dataclass
@@ -86,26 +130,37 @@ class SymramConnectorStats(KVConnectorStats):
             self.reset()
 
     def reset(self) -> None:
-        self.data = {"counters": {}, "gauges": {}}
+        self.data = {"counters": {}, "gauges": {}, "histograms": {}}
 
     def add(self, name: str, value: float) -> None:
         counters = self.data["counters"]
         counters[name] = counters.get(name, 0) + value
 
-    def set_gauge(self, name: str, value: float) -> None:
-        self.data["gauges"][name] = value
+    def set_gauge(self, name: str, value: float, source: str = SOURCE) -> None:
+        self.data["gauges"].setdefault(name, {})[source] = value
+
+    def add_latencies(self, drained: dict[str, Any]) -> None:
+        """Bucket counts from ``latency_sink.drain()``."""
+        latency_sink.merge(self.data.setdefault("histograms", {}), drained)
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         for name, value in other.data.get("counters", {}).items():
             self.add(name, value)
-        self.data["gauges"].update(other.data.get("gauges", {}))
+        gauges = self.data["gauges"]
+        for name, per_source in other.data.get("gauges", {}).items():
+            if not isinstance(per_source, dict):
+                per_source = {"?": per_source}
+            gauges.setdefault(name, {}).update(per_source)  # newest value per source
+        self.add_latencies(other.data.get("histograms", {}))
         return self
 
     def reduce(self) -> dict[str, int | float]:
-        return {**self.data["counters"], **self.data["gauges"]}
+        gauges = {name: gauge_value(name, v) for name, v in self.data["gauges"].items()}
+        return {**self.data["counters"], **gauges}
 
     def is_empty(self) -> bool:
-        return not self.data["counters"] and not self.data["gauges"]
+        return not (self.data["counters"] or self.data["gauges"]
+                    or self.data.get("histograms"))
 
 
 class SymramPromMetrics(KVConnectorPromMetrics):
@@ -123,6 +178,13 @@ class SymramPromMetrics(KVConnectorPromMetrics):
             )
             for name, doc in COUNTERS.items()
         }
+        self._histograms = {
+            name: self._histogram_cls(
+                name=f"symram:{metric}", documentation=doc, labelnames=labelnames,
+                buckets=list(latency_sink.BUCKETS),
+            )
+            for name, (metric, doc) in HISTOGRAMS.items()
+        }
         self._gauges = {
             name: self._gauge_cls(
                 name=f"symram:{name}",
@@ -136,10 +198,14 @@ class SymramPromMetrics(KVConnectorPromMetrics):
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         labels = self.per_engine_labelvalues[engine_idx]
         for name, value in transfer_stats_data.get("counters", {}).items():
-            metric = self._counters.get(name)
+            metric = self._counters.get(exported(name))
             if metric is not None and value:
                 metric.labels(*labels).inc(value)
-        for name, value in transfer_stats_data.get("gauges", {}).items():
-            gauge = self._gauges.get(name)
+        for name, per_source in transfer_stats_data.get("gauges", {}).items():
+            gauge = self._gauges.get(exported(name))
             if gauge is not None:
-                gauge.labels(*labels).set(value)
+                gauge.labels(*labels).set(gauge_value(name, per_source))
+        for name, buckets in transfer_stats_data.get("histograms", {}).items():
+            histogram = self._histograms.get(name)
+            if histogram is not None:
+                latency_sink.replay(buckets, histogram.labels(*labels).observe)

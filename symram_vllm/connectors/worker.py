@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from symram_vllm import latency_sink
+from symram_vllm.bypass import bypass_active
 from symram_vllm.config import SymramConfig
 from symram_vllm.connectors.metadata import BlockJob, SymramConnectorMetadata, SymramWorkerMetadata
 from symram_vllm.connectors.page_mover import PageMover
@@ -234,6 +236,9 @@ class WorkerSide:
 
     def _save_job(self, job: BlockJob, result: JobResult) -> None:
         assert self.store is not None and self.mover is not None
+        if bypass_active():  # the kill switch: nothing new enters the tiers
+            result.skipped = len(job.keys)
+            return
         keys = [BlockKey(chain, self.rank) for chain in job.keys]
         parents: list[BlockKey | None] = [
             keys[i - 1] if i > 0 and job.position(i - 1) == job.position(i) - 1 else None
@@ -303,7 +308,6 @@ class WorkerSide:
             result = future.result()
         except BaseException:  # _run_* catch everything; this is the last line of defence
             logger.exception("symram %s job failed", kind)
-            self._counters[f"{kind}_job_errors"] += 1
             result = JobResult(job.req_id)
             if kind == "load":
                 result.failed_block_ids = list(job.block_ids)
@@ -314,6 +318,8 @@ class WorkerSide:
         self._counters[f"{kind}_job_errors"] += int(result.error)
         self._counters["transfer_ops"] += result.ops
         self._counters[f"{kind}_jobs"] += 1
+        if not result.error:
+            latency_sink.record(kind, result.seconds)  # symram:{load,save}_duration_seconds
         if kind == "load":
             self._counters["loaded_blocks"] += result.moved_blocks
             self._counters["load_bytes"] += result.moved_bytes

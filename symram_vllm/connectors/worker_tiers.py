@@ -132,11 +132,12 @@ def open_remote_tiers(
         else:
             try:
                 from symram_vllm.tiers.peer_redis import RedisPages
-                from symram_vllm.tiers.redis_tier import RedisPageTier
+                from symram_vllm.tiers.redis_tier import RedisPageTier, RedisPageTierOptions
 
                 tier = RedisPageTier(
                     url, namespace=namespace, capacity_bytes=config.redis_pages_bytes,
                     cipher=cipher,
+                    options=RedisPageTierOptions(link=config.redis.link_options(pages=True)),
                 )
                 pages = RedisPages(tier, queue_pages=config.redis_pages_queue)
             except (ValueError, OSError) as exc:

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30
+VLLM_CPU_ENTRY = "vllm.entrypoints.launchers.api_server.entry"
 CPU_MEMORY_FLAGS = {"--kv-cache-memory-bytes", "--gpu-memory-utilization"}
 
 
@@ -61,13 +62,15 @@ def build_command(options: ServeOptions, distribution: str | None = None) -> lis
     """The vLLM command line `symram serve` runs.
 
     vllm-cpu 0.32's `vllm serve` looks up the version of a distribution named `vllm`
-    and dies, so on vllm-cpu we start the same server through its module path.
+    and dies, so on vllm-cpu we start the same server through its module path:
+    ``vllm.entrypoints.launchers.api_server.entry``, whose ``main()`` the deprecated
+    ``vllm.entrypoints.openai.api_server`` only forwards to (same parser, same routes).
     """
     distribution = distribution or vllm_distribution()
     if distribution == "vllm":
         cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", options.model]
     else:
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", options.model]
+        cmd = [sys.executable, "-m", VLLM_CPU_ENTRY, "--model", options.model]
     cmd += ["--host", options.host, "--port", str(options.port)]
     transfer = kv_transfer_config(options)
     user_args = {arg.split("=", 1)[0] for arg in options.vllm_args}

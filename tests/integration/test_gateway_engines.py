@@ -209,7 +209,7 @@ def test_shared_prefix_goes_to_the_engine_that_holds_it(stack):
     # The first requests were balanced over both engines, so the match is no accident.
     assert set(holders.values()) == {"e0", "e1"}
     for name in ("e0", "e1"):
-        assert gateway.metric("symram_gateway_route_decisions_total", instance=name,
+        assert gateway.metric("symram_gateway_route_decisions_total", backend=name,
                               reason="prefix") >= 1
     # Both engines registered what they stored in the shared Redis directory.
     assert redis.Redis.from_url(gateway.redis.url, socket_timeout=5).dbsize() > 0
@@ -239,7 +239,7 @@ def test_prefix_on_disk_is_prefetched_on_arrival(stack):
     for i in range(3):
         engine.complete(code(f"filler{i}", 70), max_tokens=2)
     time.sleep(1.0)
-    prefetched_before = gateway.metric("symram_gateway_prefetched_blocks_total", instance=holder)
+    prefetched_before = gateway.metric("symram_gateway_prefetched_blocks_total", backend=holder)
     again = httpx.post(f"{gateway.url}/v1/completions", timeout=120, json={
         "model": "demo", "prompt": prefix + " # again", "max_tokens": 2, "temperature": 0})
     decision = route(again)
@@ -250,7 +250,7 @@ def test_prefix_on_disk_is_prefetched_on_arrival(stack):
         decision["dram_blocks"])
     assert int(prefetch["resident"]) >= 1
     assert gateway.metric("symram_gateway_prefetched_blocks_total",
-                          instance=holder) > prefetched_before
+                          backend=holder) > prefetched_before
     assert again.json()["choices"][0]["text"] is not None
 
 

@@ -1,4 +1,5 @@
-"""``python -m symram_vllm.serving.gateway``: run the gateway under uvicorn."""
+"""``symram gateway`` (or ``python -m symram_vllm.serving.gateway``): run the gateway
+under uvicorn."""
 
 from __future__ import annotations
 
@@ -27,10 +28,10 @@ backends:
   gateway still proxies to the engine but cannot route by prefix or prefetch.
 
 examples:
-  python -m symram_vllm.serving.gateway --port 8000 \\
+  symram gateway --port 8000 \\
       --backend http://127.0.0.1:8001,control=http://127.0.0.1:9101 \\
       --backend http://127.0.0.1:8002 --control http://127.0.0.1:9102
-  python -m symram_vllm.serving.gateway --config gateway.yaml
+  symram gateway --config gateway.yaml
 
 Settings not on the command line (API keys, tenants, limits, timeouts, routing weights)
 come from --config (YAML) and SYMRAM_GATEWAY_* environment variables; command-line
@@ -51,7 +52,7 @@ class _Ordered(argparse.Action):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m symram_vllm.serving.gateway",
+        prog="symram gateway",
         description="OpenAI-compatible gateway in front of vLLM + symram engines: routes each "
         "request to the engine whose KV tiers hold the longest prefix of its prompt, "
         "prefetches that prefix from disk on arrival, and adds API keys with per-tenant cache "

@@ -32,6 +32,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from symram_vllm.serving.gateway import api_routes
 from symram_vllm.serving.gateway.auth import Authenticator, Principal
 from symram_vllm.serving.gateway.backends import Backend, BackendPool
 from symram_vllm.serving.gateway.config import GatewayConfig
@@ -74,7 +75,7 @@ MAX_JSON_DEPTH = 128  # OpenAI bodies nest a few levels; Python's parsers recurs
 RETRY_STATUSES = frozenset({502, 503, 504})
 FORWARD_HEADERS = ("accept", "traceparent", "tracestate", "user-agent")
 KNOWN_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
-               "/dashboard", "/dashboard/data")
+               "/dashboard", "/dashboard/data", *api_routes.PATHS)
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 
 
@@ -172,7 +173,9 @@ def _check_types(endpoint: str, body: dict[str, Any], cap: int | None, max_n: in
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _bad("'model' is required and must be a non-empty string.", "model")
-    if endpoint == "chat":
+    if endpoint in api_routes.ROUTES.values():
+        api_routes.check_body(endpoint, body, cap)
+    elif endpoint == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _bad("'messages' is required and must be a non-empty array.", "messages")
@@ -251,8 +254,9 @@ def tokens_used(prep: Prepared, usage: dict[str, Any] | None, seen_events: int,
     """What a finished request counts against its token limit: the engine's usage when
     it reported one; nothing when the engine refused it; otherwise the worst case
     (prompt + max_tokens x n), or more if more content events were seen."""
-    if usage and isinstance(usage.get("total_tokens"), int):
-        return int(usage["total_tokens"])
+    total = api_routes.usage_total(usage)  # OpenAI total_tokens, Anthropic input + output
+    if total is not None:
+        return total
     if status != 200:
         return 0
     return max(prep.charged_tokens, prep.prompt_estimate + seen_events)
@@ -300,6 +304,7 @@ class Gateway:
         self.timeline = Timeline(config.dashboard_history)
         self.route_counts: dict[str, int] = {}
         self.instance_routes: dict[str, dict[str, int]] = {}
+        self.response_owners = api_routes.ResponseOwners()
         self.pool.stats_listeners.append(
             lambda backend, stats, now: self.timeline.record(backend.name, stats, now))
         self.pool.health_listeners.append(
@@ -337,6 +342,8 @@ class Gateway:
         _check_types(endpoint, body, limits.max_tokens_cap, limits.max_n)
         model = body["model"]
         candidates = self.pool.serving(model)
+        owner = self.response_owners.owner(body.get("previous_response_id"))
+        candidates = [b for b in candidates if b.name == owner] or candidates
         if not candidates:
             if not self.pool.healthy():
                 raise GatewayError(503, "No healthy engine is available; retry shortly.",
@@ -364,14 +371,15 @@ class Gateway:
         if prep.endpoint == "completions" and isinstance(body.get("prompt"), list) and \
                 body["prompt"] and not isinstance(body["prompt"][0], int):
             prompt *= len(body["prompt"])
-        completion = (body.get("max_completion_tokens") or body.get("max_tokens")
+        completion = (api_routes.completion_budget(body)
                       or self.config.limits.default_completion_tokens)
         prep.prompt_estimate = prompt
         prep.charged_tokens = prompt + completion * int(body.get("n") or 1)
         prep.taken_tokens = self.limiter.charge_tokens(
             prep.principal.key_id, prep.principal.tokens_per_minute, prep.charged_tokens)
-        if prep.stream:
-            # The real count of a limited stream comes from its usage chunk: ask for it.
+        if prep.stream and prep.endpoint in ("chat", "completions"):
+            # The real count of a limited stream comes from its usage chunk: ask for it
+            # (Responses and Messages streams report usage at their end anyway).
             options = body.get("stream_options") or {}
             body["stream_options"] = {**options, "include_usage": True}
 
@@ -575,6 +583,7 @@ class Gateway:
             observer = StreamObserver(prep.started)
 
             def on_finish(outcome: str) -> None:
+                self.response_owners.remember(observer.response_id, decision.backend.name)
                 attempt.release()
                 self._finish(prep, decision, observer.usage, observer.first_content_at, outcome,
                              observer.content_events)
@@ -582,6 +591,7 @@ class Gateway:
             return StreamProxyResponse(upstream, headers, observer, on_finish)
         usage = None
         if upstream.status_code == 200:
+            self.response_owners.learn_from_body(content, decision.backend.name)
             try:
                 usage = json.loads(content).get("usage")
             except (ValueError, AttributeError):
@@ -666,6 +676,7 @@ def create_app(
     # Plain Starlette routes: FastAPI's dependency solving costs ~50 us a request here.
     app.add_route("/v1/chat/completions", endpoint("chat"), methods=["POST"])
     app.add_route("/v1/completions", endpoint("completions"), methods=["POST"])
+    api_routes.register(app, gateway)
 
     def client_of(request: Request) -> str | None:
         return request.client.host if request.client else None

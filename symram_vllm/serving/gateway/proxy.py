@@ -42,9 +42,17 @@ _EVENT_END = re.compile(rb"\r\n\r\n|\n\n")  # SSE event boundaries, leftmost fir
 MAX_EVENT_BYTES = 1 << 20
 
 
+# Event types that end a Responses / Anthropic Messages stream (chat ends with [DONE]).
+FINAL_EVENTS = frozenset({"response.completed", "response.failed", "response.incomplete",
+                          "message_stop"})
+CONTENT_EVENTS = frozenset({"response.output_text.delta", "response.reasoning_text.delta",
+                            "response.function_call_arguments.delta", "content_block_delta"})
+
+
 @dataclass
 class StreamObserver:
-    """Reads SSE events out of the byte stream without touching it."""
+    """Reads SSE events out of the byte stream without touching it: chat/completions
+    chunks, OpenAI Responses events and Anthropic Messages events alike."""
 
     started: float
     first_content_at: float | None = None
@@ -52,6 +60,7 @@ class StreamObserver:
     content_events: int = 0
     done: bool = False
     error: bool = False
+    response_id: str | None = None  # a Responses stream's response id
     _buffer: bytes = field(default=b"", repr=False)
 
     def feed(self, chunk: bytes) -> None:
@@ -81,16 +90,43 @@ class StreamObserver:
             return
         if obj.get("error"):
             self.error = True
+        kind = obj.get("type")
+        if isinstance(kind, str) and kind != "error":  # Responses / Messages events
+            self._typed_event(kind, obj)
+            return
         if obj.get("usage"):
             self.usage = obj["usage"]
         for choice in obj.get("choices") or ():
             delta = choice.get("delta") or {}
             if choice.get("text") or delta.get("content") or delta.get("reasoning_content") \
                     or delta.get("tool_calls"):
-                self.content_events += 1
-                if self.first_content_at is None:
-                    self.first_content_at = time.monotonic()
+                self._content()
                 break
+
+
+    def _typed_event(self, kind: str, obj: dict[str, Any]) -> None:
+        if kind in CONTENT_EVENTS:
+            self._content()
+        response = obj.get("response")
+        if isinstance(response, dict):  # Responses: the id, and usage at the end
+            if self.response_id is None and isinstance(response.get("id"), str):
+                self.response_id = response["id"]
+            if isinstance(response.get("usage"), dict):
+                self.usage = response["usage"]
+        message = obj.get("message")
+        if kind == "message_start" and isinstance(message, dict) and \
+                isinstance(message.get("usage"), dict):
+            self.usage = dict(message["usage"])
+        if kind == "message_delta" and isinstance(obj.get("usage"), dict):
+            # Anthropic: input tokens at the start, output tokens at the end
+            self.usage = {**(self.usage or {}), **obj["usage"]}
+        if kind in FINAL_EVENTS:
+            self.done = True
+
+    def _content(self) -> None:
+        self.content_events += 1
+        if self.first_content_at is None:
+            self.first_content_at = time.monotonic()
 
 
 class StreamProxyResponse(Response):
