@@ -277,3 +277,28 @@ def test_bypass_stops_hits_and_saves_and_resumes(monkeypatch):
     assert worker.build_worker_meta().keys("local", "stored") == []
     bypass.switch().set(False, by="test")
     assert side.get_num_new_matched_tokens(probe, 0) == (3 * BS, True)
+
+
+def test_jobs_larger_than_the_dram_tier_move_in_batches():
+    from symram_vllm.connectors.metadata import BlockJob, SymramConnectorMetadata
+
+    kv = kv_caches(2)
+    page = 2 * 2 * BS * 64 * 2
+    # 6 DRAM slots: a batch takes at most 3, so the arena never runs out of rows.
+    worker = WorkerSide(SymramConfig(dram_bytes=6 * page), rank=0)
+    worker.register_kv_caches(kv)
+    keys = [bytes([i + 1]) * 32 for i in range(8)]
+    worker.submit_saves(SymramConnectorMetadata(saves=[BlockJob("r1", list(range(8)), keys)]))
+    drain(worker)
+    counters, _ = worker.take_counters()
+    assert counters["saved_blocks"] == 8  # every block saved; the oldest were evicted
+    assert counters["transfer_ops"] == 3 * 2  # three batches, one op per layer each
+    expected = {name: t[[2, 3, 4, 5, 6, 7]].clone() for name, t in kv.items()}
+    for t in kv.values():
+        t.zero_()
+    # A 5-block prefix (more than half the arena) loads in two batches.
+    worker.start_loads(SymramConnectorMetadata(loads=[BlockJob("r2", [0, 1, 2, 3, 4], keys[3:])]))
+    drain(worker)
+    assert worker.take_load_errors() == set()
+    for name, t in kv.items():
+        assert torch.equal(t[[0, 1, 2, 3, 4]], expected[name][1:])

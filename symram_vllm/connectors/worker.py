@@ -193,24 +193,37 @@ class WorkerSide:
     def _run_load(self, job: BlockJob) -> JobResult:
         return self._run(job, JobResult(job.req_id), self._load_job, "load")
 
+    def _batches(self, n: int) -> range:
+        """Start indexes of a job's batches. A batch holds its DRAM rows until its copy
+        ends, so it must leave room in the arena: a job larger than half the DRAM tier
+        moves in several batches (still one device operation per layer per batch)."""
+        assert self.store is not None
+        return range(0, n, max(1, self.store.dram.num_slots // 2))
+
     def _load_job(self, job: BlockJob, result: JobResult) -> None:
         assert self.store is not None and self.mover is not None
         keys = [BlockKey(chain, self.rank) for chain in job.keys]
-        rows = self.store.acquire_prefix(keys)
-        held = keys[: len(rows)]
-        try:
-            if rows:
-                result.ops = self.mover.load(self.store.dram.arena, rows,
-                                             job.block_ids[: len(rows)])
-        finally:
-            self.store.release_many(held)
-        result.moved_blocks = len(rows)
-        result.moved_bytes = len(rows) * self.mover.page_bytes
-        if len(rows) < len(job.block_ids):
+        moved = 0
+        batches = self._batches(len(keys))
+        for start in batches:
+            part = keys[start : start + batches.step]
+            rows = self.store.acquire_prefix(part)
+            try:
+                if rows:
+                    result.ops += self.mover.load(
+                        self.store.dram.arena, rows, job.block_ids[start : start + len(rows)])
+            finally:
+                self.store.release_many(part[: len(rows)])
+            moved += len(rows)
+            if len(rows) < len(part):
+                break
+        result.moved_blocks = moved
+        result.moved_bytes = moved * self.mover.page_bytes
+        if moved < len(job.block_ids):
             # vLLM recomputes from the first failed block on; later blocks are unusable
             # without it, so report them all.
-            result.failed_block_ids = list(job.block_ids[len(rows):])
-            result.failed_keys = [job.keys[len(rows)]]
+            result.failed_block_ids = list(job.block_ids[moved:])
+            result.failed_keys = [job.keys[moved]]
 
     def _run_save(self, job: BlockJob) -> JobResult:
         return self._run(job, JobResult(job.req_id, processed_keys=list(job.keys)),
@@ -245,6 +258,18 @@ class WorkerSide:
             for i in range(len(keys))
         ]
         positions = [job.position(i) for i in range(len(keys))]
+        batches = self._batches(len(keys))
+        for start in batches:
+            end = start + batches.step
+            self._save_batch(job, result, keys[start:end], positions[start:end],
+                             parents[start:end], job.block_ids[start:end])
+        result.moved_bytes = result.moved_blocks * self.mover.page_bytes
+
+    def _save_batch(
+        self, job: BlockJob, result: JobResult, keys: list[BlockKey], positions: list[int],
+        parents: list[BlockKey | None], block_ids: list[int],
+    ) -> None:
+        assert self.store is not None and self.mover is not None
         rows = self.store.reserve_many(keys, positions, parents)
         todo = [i for i, row in enumerate(rows) if row is not None]
         for i, row in enumerate(rows):
@@ -255,9 +280,8 @@ class WorkerSide:
         if not todo:
             return
         try:
-            nonfinite, result.ops = self.mover.save(
-                [job.block_ids[i] for i in todo], self.store.dram.arena,
-                [rows[i] for i in todo],
+            nonfinite, ops = self.mover.save(
+                [block_ids[i] for i in todo], self.store.dram.arena, [rows[i] for i in todo],
             )
         except BaseException:
             # Copies already queued on the device must land before the rows are reused.
@@ -266,6 +290,7 @@ class WorkerSide:
             for i in todo:
                 self.store.abort(keys[i])
             raise
+        result.ops += ops
         for i, bad in zip(todo, nonfinite, strict=True):
             if bad:
                 # Never cache a poisoned page: a later hit would hand NaN to attention
@@ -276,7 +301,6 @@ class WorkerSide:
                 continue
             self.store.commit(keys[i])
             result.moved_blocks += 1
-        result.moved_bytes = result.moved_blocks * self.mover.page_bytes
 
     # -- completion ----------------------------------------------------------------------
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
