@@ -12,7 +12,8 @@ off the worker's hot path:
   any byte of the body is read; a chunked body is cut off at the limit.
 * **A per-client rate limit** (token bucket per peer address).
 * **A time budget** for requests with a body (lookups, prefetches; GETs are cheap and
-  only rate-limited). The serving thread may spend at most ``cpu_share`` of wall time:
+  only rate-limited, and so is the bypass kill switch, which must answer during a
+  flood). The serving thread may spend at most ``cpu_share`` of wall time:
   all its CPU time is charged (``time.thread_time()``: parsing, refusals, handlers),
   and a handler's wall time beyond its CPU time on top. On a loaded host a thread that
   holds the GIL is often preempted, and the worker waits for the GIL all that while,
@@ -38,6 +39,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 MIN_TOKEN_CHARS = 16
 OPEN_PATHS = frozenset({"/health"})
+# The kill switch must work while the endpoint is flooded (that is when an operator
+# reaches for it): it needs the token and is rate-limited like everything else, but it
+# never queues for the time budget. Its handler writes one small flag file.
+UNBUDGETED_PATHS = frozenset({"/symram/bypass"})
 
 
 @dataclass(frozen=True)
@@ -198,9 +203,9 @@ class ControlGuard:
             await self._refuse(send, 413, f"Control request bodies are limited to {limit} "
                                "bytes.", "size", close=True)
             return
-        if scope.get("method") == "GET":
+        if scope.get("method") == "GET" or scope.get("path") in UNBUDGETED_PATHS:
             # info and stats: cheap, rate-limited per client, and the gateway's health
-            # check, which must not queue behind a flood of lookups.
+            # check, which must not queue behind a flood of lookups; and the kill switch.
             await self.app(scope, receive, send)
             return
         if self.budget.waiting >= self.limits.max_waiting:

@@ -257,3 +257,31 @@ def test_a_flood_gets_no_more_than_its_cpu_share(stack):
     # Slack for tick granularity (10 ms) and the burst allowance; unguarded, the same
     # flood took about 3x the share's bound on this host.
     assert used <= 2 * share * wall, (used, wall)
+
+
+def test_the_kill_switch_answers_while_a_flood_has_spent_the_budget(stack):
+    """`symram bypass on` is what an operator types when the engine is in trouble, often
+    while the control plane is busy. Lookups queue for the time budget; the switch does
+    not (CI once timed it out behind the gateway's lookups on a loaded host)."""
+    from symram_vllm import bypass
+
+    server = serve(stack)
+    try:
+        with httpx.Client(headers=AUTH, timeout=30) as http:
+            http.get(f"{server.url}/symram/stats").raise_for_status()  # makes the budget
+            budget = server.guard.budget
+            assert budget is not None
+            budget.charge(100.0)  # as if a flood had spent it: lookups now sleep ~2000 s
+            with pytest.raises(httpx.ReadTimeout):
+                http.post(f"{server.url}/symram/lookup", json=lookup_body(range(3)),
+                          timeout=1.0)
+            t0 = time.monotonic()
+            on = http.post(f"{server.url}/symram/bypass",
+                           json={"active": True, "reason": "flood"})
+            switch_s = time.monotonic() - t0
+        assert on.status_code == 200, on.text
+        assert on.json()["active"] is True and bypass.bypass_active()
+        assert switch_s < 0.5, switch_s
+    finally:
+        bypass.switch().set(False, by="test")
+        server.stop()
