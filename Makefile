@@ -37,7 +37,7 @@ lint: setup
 	@$(VENV)/bin/ruff check symram_vllm tests loadtest
 
 bench-ttft: setup
-	@$(PY) -m loadtest.bench_ttft
+	@$(PY) -m loadtest.bench_ttft --arch $(or $(ARCH),llama)
 
 bench-codecs: setup
 	@$(PY) -m loadtest.bench_codecs

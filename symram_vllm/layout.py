@@ -5,7 +5,11 @@ A page holds one block of every layer, K and V, back to back:
     page = layer0[H, N, C] | layer1[H, N, C] | ...      (each contiguous, engine dtype)
 
 where each layer's cache is vLLM's standardized per-layer view ``[B, H, N, C]``
-(blocks, KV heads, tokens in a block, K‖V content). The page order is canonical,
+(blocks, KV heads, tokens in a block, K‖V content). With vLLM's hybrid allocator
+(several KV-cache groups, e.g. sliding-window and full-attention layers), layers of
+different groups may be views of one shared tensor, and each group has its own block
+id for the same token block: a page still holds that token block of every layer, and
+the copies take one block id per group (``[groups, n]``). The page order is canonical,
 whatever the physical strides of the engine's cache are, so a page written by one
 backend can be read by another with the same logical shape. This module knows
 tensors, not vLLM.
@@ -32,6 +36,7 @@ class LayerSpec:
     dtype: torch.dtype
     offset: int
     nbytes: int
+    group: int = 0
 
 
 @dataclass(frozen=True)
@@ -53,12 +58,23 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 class KVLayout:
-    """Maps block ids of the engine's per-layer caches to canonical page bytes."""
+    """Maps block ids of the engine's per-layer caches to canonical page bytes.
 
-    def __init__(self, kv_caches: dict[str, torch.Tensor]) -> None:
+    `layer_groups` maps each layer to its KV-cache group (vLLM's hybrid allocator);
+    omitted, every layer is in group 0."""
+
+    def __init__(
+        self, kv_caches: dict[str, torch.Tensor], layer_groups: dict[str, int] | None = None
+    ) -> None:
         if not kv_caches:
             raise LayoutError("no KV cache tensors were registered")
         self.layer_names = list(kv_caches)
+        groups = layer_groups or {}
+        missing = [name for name in self.layer_names if layer_groups and name not in groups]
+        if missing:
+            raise LayoutError(f"layers {missing} belong to no KV-cache group")
+        self.layer_group = [groups.get(name, 0) for name in self.layer_names]
+        self.num_groups = max(self.layer_group) + 1
         self._caches = [kv_caches[name] for name in self.layer_names]
         first = self._caches[0]
         if first.dim() < 2:
@@ -70,10 +86,11 @@ class KVLayout:
             if cache.shape[0] != self.num_blocks:
                 raise LayoutError(
                     f"layer {name} has {cache.shape[0]} blocks, expected {self.num_blocks}; "
-                    "symram needs one uniform KV cache group (hybrid models are not supported)"
+                    "symram needs every layer's cache to index the same block pool"
                 )
             nbytes = cache[0].numel() * cache.element_size()
-            specs.append(LayerSpec(name, tuple(cache.shape[1:]), cache.dtype, offset, nbytes))
+            specs.append(LayerSpec(name, tuple(cache.shape[1:]), cache.dtype, offset, nbytes,
+                                   groups.get(name, 0)))
             offset += nbytes
         self.layers = specs
         self.page_bytes = offset
@@ -87,7 +104,7 @@ class KVLayout:
         self.device = first.device
         # Contiguous runs of a page inside one engine block: one per layer for
         # layer-major caches, one per page for block-major (BLHNC) caches.
-        self.segments = block_copy.plan_segments(self._caches)
+        self.segments = block_copy.plan_segments(self._caches, self.layer_group)
 
     @property
     def caches(self) -> list[torch.Tensor]:
@@ -103,9 +120,11 @@ class KVLayout:
             for s in self.layers
         ]
 
-    def block_views(self, block_id: int) -> list[torch.Tensor]:
-        """The engine-side [H, N, C] view of `block_id` in every layer."""
-        return [cache[block_id] for cache in self._caches]
+    def block_views(self, block_id: int | Sequence[int]) -> list[torch.Tensor]:
+        """The engine-side [H, N, C] view of a token block in every layer: `block_id`,
+        or one block id per KV-cache group."""
+        ids = [block_id] * self.num_groups if isinstance(block_id, int) else list(block_id)
+        return [cache[ids[g]] for cache, g in zip(self._caches, self.layer_group, strict=True)]
 
     @property
     def block_major(self) -> bool:
@@ -113,17 +132,19 @@ class KVLayout:
         return len(self.segments) == 1 and self.segments[0].nbytes == self.page_bytes
 
     def save_blocks(
-        self, block_ids: Sequence[int], pages: torch.Tensor, rows: Sequence[int]
+        self, block_ids: block_copy.BlockIds, pages: torch.Tensor, rows: Sequence[int]
     ) -> int:
-        """Engine blocks `block_ids` -> rows `rows` of the uint8 page array `pages`
-        ([P, page_bytes]), in canonical page order. Returns device operations issued."""
+        """Engine blocks `block_ids` (n, or ``[groups, n]``) -> rows `rows` of the uint8
+        page array `pages` ([P, page_bytes]), in canonical page order. Returns device
+        operations issued."""
         self._check_pages(pages)
         return block_copy.save_blocks(self.segments, block_ids, pages, rows)
 
     def load_blocks(
-        self, pages: torch.Tensor, rows: Sequence[int], block_ids: Sequence[int]
+        self, pages: torch.Tensor, rows: Sequence[int], block_ids: block_copy.BlockIds
     ) -> int:
-        """Rows `rows` of `pages` -> engine blocks `block_ids` (distinct)."""
+        """Rows `rows` of `pages` -> engine blocks `block_ids` (distinct; n, or
+        ``[groups, n]`` where -1 skips that group's part of the page)."""
         self._check_pages(pages)
         return block_copy.load_blocks(self.segments, pages, rows, block_ids)
 

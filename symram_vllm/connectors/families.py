@@ -107,7 +107,45 @@ def layers_refusal(model: str, kv_cache_config: KVCacheConfig, *, hma: bool) -> 
             f"({describe(kinds)} layers) but this symram connector does not implement "
             f"vLLM's hybrid allocator contract (SupportsHMA). {HOW_TO_SERVE_WITHOUT}."
         )
-    return None
+    return group_shapes_refusal(model, kv_cache_config)
+
+
+def block_shape(spec: Any) -> tuple[Any, ...]:
+    """What must match across KV-cache groups for one page to hold a token block of
+    every layer: tokens per block, KV heads, head sizes, dtype."""
+    head_v = getattr(spec, "head_size_v", None) or spec.head_size
+    return (spec.block_size, getattr(spec, "num_kv_heads", 1), spec.head_size, head_v,
+            str(spec.dtype).removeprefix("torch."))
+
+
+def group_shapes_refusal(model: str, kv_cache_config: KVCacheConfig) -> str | None:
+    """Refusal when the groups of a hybrid model differ in block shape: symram's page
+    is one token block of every layer, in one shape."""
+    shapes = {
+        f"group {g} ({group_kind(group.kv_cache_spec)})": block_shape(group.kv_cache_spec)
+        for g, group in enumerate(kv_cache_config.kv_cache_groups)
+    }
+    if len(set(shapes.values())) <= 1:
+        return None
+    listed = "; ".join(
+        f"{name}: {bs} tokens per block, {heads} KV heads, head size {k}+{v}, {dtype}"
+        for name, (bs, heads, k, v, dtype) in shapes.items()
+    )
+    return (
+        f"symram cannot serve {model}: its KV-cache groups differ in block shape "
+        f"({listed}), and a symram page holds one token block of every layer in one "
+        f"shape. {HOW_TO_SERVE_WITHOUT}."
+    )
+
+
+def windowed_groups(kv_cache_config: KVCacheConfig) -> frozenset[int]:
+    """KV-cache groups that free a running request's blocks once they leave the
+    attention window (sliding window, chunked local attention): a load skips those
+    blocks, and a block handed to another request must be read before it is reused."""
+    return frozenset(
+        g for g, group in enumerate(kv_cache_config.kv_cache_groups)
+        if group_kind(group.kv_cache_spec) not in ("full_attention", "mla_attention")
+    )
 
 
 def prefix_caching_refusal(vllm_config: VllmConfig) -> str | None:

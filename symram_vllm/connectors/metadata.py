@@ -25,9 +25,27 @@ class BlockJob:
     keys: list[bytes]
     # Index of each block in its request's prefix (its recompute cost for eviction).
     positions: list[int] = field(default_factory=list)
+    # Models with several KV-cache groups (vLLM's hybrid allocator): every group's
+    # block ids, `block_ids` being group 0's; -1 where a load skips that group's part
+    # (a sliding-window group's blocks outside its window, which vLLM leaves
+    # unallocated).
+    group_block_ids: list[list[int]] | None = None
 
     def position(self, index: int) -> int:
         return self.positions[index] if index < len(self.positions) else 0
+
+    def ids(self, start: int = 0, end: int | None = None) -> list[int] | list[list[int]]:
+        """Block ids of blocks [start, end) in the form the copies take: a list, or one
+        list per KV-cache group."""
+        if self.group_block_ids is None:
+            return self.block_ids[start:end]
+        return [group[start:end] for group in self.group_block_ids]
+
+    def engine_blocks(self) -> set[int]:
+        """Every engine block the job reads or writes."""
+        if self.group_block_ids is None:
+            return set(self.block_ids)
+        return {b for group in self.group_block_ids for b in group if b >= 0}
 
 
 @dataclass
@@ -38,6 +56,10 @@ class SymramConnectorMetadata(KVConnectorMetadata):
     delayed_free: list[str] = field(default_factory=list)
     # Requests preempted this step: their blocks may be reused right away.
     preempted: list[str] = field(default_factory=list)
+    # Engine blocks allocated this step, sent only when a KV-cache group frees blocks
+    # of running requests (sliding window): a save still reading one must finish
+    # before this step's forward pass overwrites it.
+    allocated: list[int] = field(default_factory=list)
 
 
 @dataclass

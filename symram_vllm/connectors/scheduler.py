@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 # round trip, normally a millisecond): a fleet hit saves a prefill, which costs far
 # more, so waiting is worth it, but a slow or dead Redis must not hold requests back.
 FLEET_WAIT_S = 0.5
+# vLLM's null block: what a sliding-window group's block table holds for blocks that
+# left the window (block 0 of the pool is reserved for it, never allocated).
+NULL_BLOCK_ID = 0
 # After a worker said tier writes are still running, keep the engine stepping this
 # long (idle steps are throttled) so their events reach the directory while idle.
 PENDING_GRACE_S = 1.0
@@ -78,8 +81,14 @@ class SchedulerSide:
         disk_tier: str = "disk",
         shared_tiers: frozenset[str] = frozenset(),
         tp_size: int = 1,
+        num_groups: int = 1,
+        windowed_groups: frozenset[int] = frozenset(),
     ) -> None:
         self.signature_digest = signature_digest
+        # vLLM's hybrid allocator: KV-cache groups, each with its own block ids, and
+        # those whose blocks leave a running request with the attention window.
+        self.num_groups = num_groups
+        self.windowed_groups = windowed_groups
         self.block_size = block_size
         self.config = config
         # Not `directory or ...`: an empty directory is falsy (its __len__ is 0).
@@ -199,16 +208,19 @@ class SchedulerSide:
         state = self._state(request)
         start = state.local_computed_tokens // self.block_size
         count = num_external_tokens // self.block_size
-        block_ids = blocks.get_block_ids()[0][start : start + count]
+        all_ids = blocks.get_block_ids()
+        block_ids = all_ids[0][start : start + count]
         keys = state.keys[start : start + count]
         if len(block_ids) != count or len(keys) != count:
             raise RuntimeError(
                 f"symram: request {request.request_id} expected {count} blocks to load from "
                 f"block {start}, got {len(block_ids)} block ids and {len(keys)} keys"
             )
-        self._pending_loads.append(
-            BlockJob(request.request_id, list(block_ids), keys, list(range(start, start + count)))
-        )
+        job = BlockJob(request.request_id, list(block_ids), keys, list(range(start, start + count)))
+        if self.num_groups > 1:
+            job.group_block_ids = self._load_targets(request, all_ids, start, count)
+            job.block_ids = job.group_block_ids[0]
+        self._pending_loads.append(job)
         state.has_jobs = True
         # Loaded blocks are already in the store: never save them back. They still
         # count as logical bytes for dedupe accounting (served, not stored again).
@@ -218,12 +230,38 @@ class SchedulerSide:
         state.save_cursor = max(state.save_cursor, start + count)
         self.hit_tokens += num_external_tokens
 
+    def _load_targets(
+        self, request: Request, all_ids: tuple[list[int], ...], start: int, count: int
+    ) -> list[list[int]]:
+        """Every group's block ids for a load of `count` blocks from `start`; -1 where
+        a windowed group left a block unallocated (outside its window at the hit's
+        end: nothing to load there)."""
+        targets: list[list[int]] = []
+        for group, ids in enumerate(all_ids):
+            part = list(ids[start : start + count])
+            if len(part) != count:
+                raise RuntimeError(
+                    f"symram: request {request.request_id} has {len(part)} block ids in "
+                    f"KV-cache group {group} for a {count}-block load from block {start}"
+                )
+            if group in self.windowed_groups:
+                part = [-1 if b == NULL_BLOCK_ID else b for b in part]
+            elif NULL_BLOCK_ID in part:
+                raise RuntimeError(
+                    f"symram: request {request.request_id} got vLLM's null block in "
+                    f"full-attention KV-cache group {group} for a load from block {start}"
+                )
+            targets.append(part)
+        return targets
+
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> SymramConnectorMetadata:
         meta = SymramConnectorMetadata(
             loads=self._pending_loads,
             delayed_free=self._delayed_free,
             preempted=sorted(scheduler_output.preempted_req_ids or ()),
         )
+        if self.windowed_groups:
+            meta.allocated = allocated_blocks(scheduler_output)
         self._pending_loads = []
         self._delayed_free = []
         computed_before: dict[str, int] = {
@@ -254,9 +292,12 @@ class SchedulerSide:
             full_blocks = min(full_blocks, request.num_prompt_tokens // self.block_size)
         if full_blocks <= state.save_cursor:
             return None
-        block_ids = self.kv_cache_manager.get_block_ids(req_id)[0]
+        all_ids = self.kv_cache_manager.get_block_ids(req_id)
+        block_ids = all_ids[0]
         job = BlockJob(req_id, [], [])
-        indexes = range(state.save_cursor, min(full_blocks, len(block_ids)))
+        if self.num_groups > 1:
+            job.group_block_ids = [[] for _ in all_ids]
+        indexes = range(state.save_cursor, min(full_blocks, *(len(ids) for ids in all_ids)))
         if self.page_bytes and indexes:
             # Every block that wants storing counts as logical bytes; only new ones
             # as physical (fleet-wide with a Redis directory).
@@ -269,6 +310,15 @@ class SchedulerSide:
             key = state.keys[index]
             if known or key in self._saving:
                 continue
+            if job.group_block_ids is not None:
+                ids_at = [ids[index] for ids in all_ids]
+                if NULL_BLOCK_ID in ids_at:
+                    # A windowed group already freed this block: the page would not be
+                    # whole, so it is not stored (a later hit stops before it).
+                    self._count("save_window_missed_blocks")
+                    continue
+                for group, block in zip(job.group_block_ids, ids_at, strict=True):
+                    group.append(block)
             self._saving.add(key)
             job.block_ids.append(block_ids[index])
             job.keys.append(key)
@@ -367,3 +417,17 @@ class SchedulerSide:
         if available is not None:
             gauges["directory_available"] = available
         return counters, gauges
+
+
+def allocated_blocks(scheduler_output: SchedulerOutput) -> list[int]:
+    """Engine blocks (every group) handed to requests this step: new requests' tables
+    and running requests' new blocks."""
+    blocks: set[int] = set()
+    for req in scheduler_output.scheduled_new_reqs:
+        for ids in req.block_ids:
+            blocks.update(ids)
+    for new in scheduler_output.scheduled_cached_reqs.new_block_ids:
+        for ids in new or ():
+            blocks.update(ids)
+    blocks.discard(NULL_BLOCK_ID)
+    return sorted(blocks)

@@ -18,13 +18,15 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
+    SupportsHMA,
     supports_hma,
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from symram_vllm import bypass, latency_sink
 from symram_vllm.config import ConfigError, SymramConfig, load_config
-from symram_vllm.connectors.families import check_model_family
+from symram_vllm.connectors.families import check_model_family, windowed_groups
 from symram_vllm.connectors.kv_layout_choice import choose_kv_layout
 from symram_vllm.connectors.metadata import SymramConnectorMetadata, SymramWorkerMetadata
 from symram_vllm.connectors.scheduler import SchedulerSide
@@ -164,11 +166,7 @@ def build_signature(
     vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, hash_algo: str, codec: str = "none"
 ) -> tuple[ModelSignature, tuple[int, ...]]:
     groups = kv_cache_config.kv_cache_groups
-    if len(groups) != 1:
-        raise SymramStartupError(
-            f"symram supports models with one KV cache group; this model has {len(groups)} "
-            "(hybrid attention). Run it without --kv-transfer-config symram."
-        )
+    # families.check_model_family has refused groups that differ in block shape.
     spec = groups[0].kv_cache_spec
     head_v = getattr(spec, "head_size_v", None) or spec.head_size
     num_heads = getattr(spec, "num_kv_heads", 1)
@@ -181,16 +179,31 @@ def build_signature(
         kv_layout=(
             f"{type(spec).__name__}:H{num_heads}:D{spec.head_size}+{head_v}:"
             f"{vllm_config.device_config.device_type}"
+            # Hybrid allocator on: pages are ordered by vLLM's layer registration, which
+            # may differ from the single-group order, so the two never share pages.
+            + (f":G{len(groups)}" if len(groups) > 1 else "")
         ),
         tp_size=parallel.tensor_parallel_size * parallel.pipeline_parallel_size,
         codec=codec,
         hash_algo=hash_algo,
-        num_layers=len(groups[0].layer_names),
+        num_layers=sum(len(group.layer_names) for group in groups),
     )
     return signature, block_elems
 
 
-class SymramConnector(KVConnectorBase_V1):
+def layer_groups_of(kv_cache_config: KVCacheConfig) -> dict[str, int] | None:
+    """Each layer's KV-cache group when there are several (vLLM's hybrid allocator)."""
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) < 2:
+        return None
+    return {name: g for g, group in enumerate(groups) for name in group.layer_names}
+
+
+class SymramConnector(KVConnectorBase_V1, SupportsHMA):
+    """Keeps vLLM's hybrid allocator (SupportsHMA): a hybrid model (sliding-window and
+    full-attention layers) gets its KV-cache groups, each with its own block ids, and a
+    page holds a token block of every layer whatever group it is in."""
+
     _cache_hit_source = CacheHitSource.HOST
 
     @classmethod
@@ -248,6 +261,8 @@ class SymramConnector(KVConnectorBase_V1):
                 disk_tier=disk_tier,
                 shared_tiers=shared,
                 tp_size=signature.tp_size,
+                num_groups=len(kv_cache_config.kv_cache_groups),
+                windowed_groups=windowed_groups(kv_cache_config),
             )
             seeded = self._scheduler.seed_from_disk(signature.tp_size)
             logger.info(
@@ -275,6 +290,7 @@ class SymramConnector(KVConnectorBase_V1):
             self._worker = WorkerSide(self.config, rank, namespace=signature.digest(), info=info)
             self._expected_block_elems = block_elems
             self._expected_blocks = kv_cache_config.num_blocks
+            self._layer_groups = layer_groups_of(kv_cache_config)
 
     # ---------------------------------------------------------------- worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -291,7 +307,7 @@ class SymramConnector(KVConnectorBase_V1):
                 f"blocks of {self._expected_block_elems} elements"
             )
             return
-        self._worker.register_kv_caches(kv_caches)
+        self._worker.register_kv_caches(kv_caches, self._layer_groups)
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         if self._worker is not None and isinstance(kv_connector_metadata, SymramConnectorMetadata):
@@ -329,6 +345,15 @@ class SymramConnector(KVConnectorBase_V1):
         assert self._worker is not None
         sending, recving = self._worker.get_finished(finished_req_ids)
         return sending or None, recving or None
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        assert self._worker is not None
+        sending, recving = self._worker.get_finished(finished_req_ids)
+        # Several KV-cache groups: vLLM takes load failures per request only.
+        return KVConnectorTransferResults(
+            finished_sending=sending, finished_recving=recving,
+            failed_recving=self._worker.take_failed_loads(recving),
+        )
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self._worker is not None
@@ -392,6 +417,12 @@ class SymramConnector(KVConnectorBase_V1):
 
     def request_finished(
         self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        assert self._scheduler is not None
+        return self._scheduler.request_finished(request), None
+
+    def request_finished_all_groups(
+        self, request: Request, block_ids: tuple[list[int], ...]
     ) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
         return self._scheduler.request_finished(request), None

@@ -77,6 +77,10 @@ class WorkerSide:
         self._saves: dict[str, list[tuple[BlockJob, Future[JobResult]]]] = defaultdict(list)
         self._awaiting_free: set[str] = set()
         self._load_errors: set[int] = set()
+        # Requests whose load failed, for models with several KV-cache groups: vLLM
+        # maps block-level errors back to requests only for one group, so these are
+        # reported per request (it recomputes the whole prompt).
+        self._failed_loads: set[str] = set()
         self._processed: list[bytes] = []
         self._failed_keys: list[bytes] = []
         self._counters: dict[str, float] = defaultdict(float)
@@ -84,9 +88,11 @@ class WorkerSide:
         self._seen: dict[str, float] = {}
 
     # -- setup ---------------------------------------------------------------------------
-    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+    def register_kv_caches(
+        self, kv_caches: dict[str, torch.Tensor], layer_groups: dict[str, int] | None = None
+    ) -> None:
         try:
-            layout = KVLayout(kv_caches)
+            layout = KVLayout(kv_caches, layer_groups)
         except LayoutError as exc:
             self._disable(f"unsupported KV cache layout: {exc}")
             return
@@ -106,10 +112,11 @@ class WorkerSide:
         self.runner = TransferRunner(layout.device, self.config.transfer_threads)
         self.control = start_control_server(self.config, self.store, self.rank, self.info)
         logger.info(
-            "symram worker rank %d: %d layers, page %d bytes (codec %s), DRAM tier %d pages "
-            "(%s pinned; %s), disk tier %s, remote tiers %s",
+            "symram worker rank %d: %d layers in %d KV-cache group(s), page %d bytes (codec "
+            "%s), DRAM tier %d pages (%s pinned; %s), disk tier %s, remote tiers %s",
             self.rank,
             len(layout.layers),
+            layout.num_groups,
             mover.page_bytes,
             mover.codec_name,
             self.store.dram.num_slots,
@@ -130,11 +137,19 @@ class WorkerSide:
 
     # -- per-step entry points -----------------------------------------------------------
     def handle_preemptions(self, meta: SymramConnectorMetadata) -> None:
-        """Preempted requests' blocks are freed at once: finish reading them first."""
-        if not meta.preempted:
+        """Blocks about to be overwritten must be read first: preempted requests'
+        blocks (freed at once), and blocks a sliding-window group freed under a
+        running request that this step hands to another (`meta.allocated`)."""
+        if not meta.preempted and not meta.allocated:
             return
+        reused = set(meta.allocated)
         with self._lock:
             pending = [f for req in meta.preempted for _, f in self._saves.get(req, [])]
+            if reused:
+                pending += [f for jobs in self._saves.values() for job, f in jobs
+                            if not f.done() and not reused.isdisjoint(job.engine_blocks())]
+        if pending and reused:
+            self._counters["save_reuse_waits"] += 1
         wait(pending)
 
     def start_loads(self, meta: SymramConnectorMetadata, *, idle_step: bool = False) -> None:
@@ -211,7 +226,7 @@ class WorkerSide:
             try:
                 if rows:
                     result.ops += self.mover.load(
-                        self.store.dram.arena, rows, job.block_ids[start : start + len(rows)])
+                        self.store.dram.arena, rows, job.ids(start, start + len(rows)))
             finally:
                 self.store.release_many(part[: len(rows)])
             moved += len(rows)
@@ -262,12 +277,12 @@ class WorkerSide:
         for start in batches:
             end = start + batches.step
             self._save_batch(job, result, keys[start:end], positions[start:end],
-                             parents[start:end], job.block_ids[start:end])
+                             parents[start:end], job.ids(start, end))
         result.moved_bytes = result.moved_blocks * self.mover.page_bytes
 
     def _save_batch(
         self, job: BlockJob, result: JobResult, keys: list[BlockKey], positions: list[int],
-        parents: list[BlockKey | None], block_ids: list[int],
+        parents: list[BlockKey | None], block_ids: list[int] | list[list[int]],
     ) -> None:
         assert self.store is not None and self.mover is not None
         rows = self.store.reserve_many(keys, positions, parents)
@@ -281,7 +296,7 @@ class WorkerSide:
             return
         try:
             nonfinite, ops = self.mover.save(
-                [block_ids[i] for i in todo], self.store.dram.arena, [rows[i] for i in todo],
+                _select(block_ids, todo), self.store.dram.arena, [rows[i] for i in todo],
             )
         except BaseException:
             # Copies already queued on the device must land before the rows are reused.
@@ -349,7 +364,10 @@ class WorkerSide:
             self._counters["load_bytes"] += result.moved_bytes
             self._counters["load_seconds"] += result.seconds
             self._counters["load_failed_blocks"] += len(result.failed_block_ids)
-            self._load_errors.update(result.failed_block_ids)
+            if result.failed_block_ids and job.group_block_ids is not None:
+                self._failed_loads.add(job.req_id)
+            else:
+                self._load_errors.update(result.failed_block_ids)
             self._failed_keys.extend(result.failed_keys)
         else:
             self._counters["saved_blocks"] += result.moved_blocks
@@ -358,6 +376,13 @@ class WorkerSide:
             self._counters["save_skipped_blocks"] += result.skipped
             self._counters["nonfinite_pages"] += result.nonfinite
             self._processed.extend(result.processed_keys)
+
+    def take_failed_loads(self, finished: set[str]) -> set[str]:
+        """Requests among `finished` (loads reported done) whose load failed."""
+        with self._lock:
+            failed = self._failed_loads & finished
+            self._failed_loads -= failed
+            return failed
 
     def take_load_errors(self) -> set[int]:
         with self._lock:
@@ -407,3 +432,12 @@ class WorkerSide:
                 except Exception:
                     logger.exception("symram rank %d: flushing DRAM to disk failed", self.rank)
             self.store.close()
+
+
+def _select(
+    block_ids: list[int] | list[list[int]], picks: list[int]
+) -> list[int] | list[list[int]]:
+    """Entries `picks` of a job's ids, per group when there are groups."""
+    if block_ids and isinstance(block_ids[0], list):
+        return [[group[i] for i in picks] for group in block_ids]  # type: ignore[index]
+    return [block_ids[i] for i in picks]  # type: ignore[misc]

@@ -21,6 +21,12 @@ operations depends on the segment count, never on n:
   upload of that list. The kernel reads and writes pinned host memory through UVA,
   as vLLM's ``swap_blocks_triton`` does.
 
+Hybrid models (vLLM's hybrid allocator, several KV-cache groups) give each group its
+own block ids for the same token block: every segment belongs to one group, segments
+never merge across groups, and a job's ids are then ``[groups, n]``. On a load, a
+negative id skips that group's part of that page (a sliding-window group's blocks
+outside its window, which vLLM leaves unallocated).
+
 Every path writes the same bytes (the tests compare them). The implementation is
 chosen per call by ``pick_backend``: the one place that decides.
 """
@@ -42,6 +48,10 @@ from symram_vllm.kernels.dispatch import triton_capability
 logger = logging.getLogger(__name__)
 
 
+# n block ids, or one list of n per KV-cache group.
+BlockIds = Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
+
+
 class BlockCopyError(ValueError):
     """Arguments a batched block move cannot honour (bad ids, shapes, devices)."""
 
@@ -59,6 +69,7 @@ class Segment:
     page_offset: int
     nbytes: int
     raw: bool
+    group: int = 0  # the KV-cache group whose block ids index `source`
 
     def page_view(self, pages: torch.Tensor) -> torch.Tensor:
         """The segment's part of every row of `pages`, shaped like one source block."""
@@ -92,26 +103,37 @@ def _raw_rows(cache: torch.Tensor) -> torch.Tensor | None:
     )
 
 
-def plan_segments(caches: Sequence[torch.Tensor]) -> list[Segment]:
-    """The segments of a page over per-layer ``[B, H, N, C]`` caches (page order)."""
+def plan_segments(
+    caches: Sequence[torch.Tensor], groups: Sequence[int] | None = None
+) -> list[Segment]:
+    """The segments of a page over per-layer ``[B, H, N, C]`` caches (page order);
+    `groups` gives each layer's KV-cache group (all 0 when omitted)."""
     segments: list[Segment] = []
     offset = 0
-    for cache in caches:
+    layer_groups = list(groups) if groups is not None else [0] * len(caches)
+    if len(layer_groups) != len(caches):
+        raise BlockCopyError(f"{len(caches)} layers but {len(layer_groups)} group indexes")
+    for cache, group in zip(caches, layer_groups, strict=True):
         nbytes = cache[0].numel() * cache.element_size()
         rows = _raw_rows(cache)
         if rows is None:
-            segments.append(Segment(cache, offset, nbytes, raw=False))
-        elif segments and _continues(segments[-1], rows):
+            segments.append(Segment(cache, offset, nbytes, raw=False, group=group))
+        elif segments and segments[-1].group == group and _continues(segments[-1], rows):
             last = segments[-1]
             merged = torch.as_strided(
                 last.source, (last.source.shape[0], last.nbytes + nbytes),
                 (last.source.stride(0), 1),
             )
-            segments[-1] = Segment(merged, last.page_offset, last.nbytes + nbytes, raw=True)
+            segments[-1] = Segment(merged, last.page_offset, last.nbytes + nbytes, raw=True,
+                                   group=group)
         else:
-            segments.append(Segment(rows, offset, nbytes, raw=True))
+            segments.append(Segment(rows, offset, nbytes, raw=True, group=group))
         offset += nbytes
     return segments
+
+
+def num_groups(segments: Sequence[Segment]) -> int:
+    return max((seg.group for seg in segments), default=0) + 1
 
 
 def _continues(last: Segment, rows: torch.Tensor) -> bool:
@@ -189,16 +211,20 @@ def _scatter_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> 
 def torch_save(
     segments: Sequence[Segment], ids: torch.Tensor, pages: torch.Tensor, rows: torch.Tensor
 ) -> int:
-    """pages[rows[i]] <- block ids[i]; returns the device operations issued."""
-    n, ops = ids.numel(), 0
+    """pages[rows[i]] <- block ids[g, i] of each group g ([G, n] ids); returns the
+    device operations issued."""
+    ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
+    n, ops = ids.shape[1], 0
     start = consecutive_start(rows)
     for seg in segments:
         dst = seg.page_view(pages)
+        group_ids = ids[seg.group]
         if start is not None and pages.device == seg.source.device:
-            torch.index_select(_words(seg.source), 0, ids, out=_words(dst[start : start + n]))
+            torch.index_select(_words(seg.source), 0, group_ids,
+                               out=_words(dst[start : start + n]))
             ops += 1
             continue
-        staged = _words(seg.source).index_select(0, ids).view(seg.source.dtype)
+        staged = _words(seg.source).index_select(0, group_ids).view(seg.source.dtype)
         if start is not None:
             dst[start : start + n].copy_(staged, non_blocking=pages.is_pinned())
         else:
@@ -210,22 +236,37 @@ def torch_save(
 def torch_load(
     segments: Sequence[Segment], pages: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor
 ) -> int:
-    """block ids[i] <- pages[rows[i]]; returns the device operations issued."""
-    n, ops = ids.numel(), 0
-    start = consecutive_start(rows)
+    """block ids[g, i] <- pages[rows[i]] for each group g ([G, n] ids; negative ids
+    are skipped); returns the device operations issued."""
+    ids = (ids.reshape(1, -1) if ids.dim() == 1 else ids).cpu()
+    rows = rows.cpu()
+    ops = 0
     for seg in segments:
+        group_ids, group_rows = _present(ids[seg.group], rows)
+        n = group_ids.numel()
+        if n == 0:
+            continue
+        start = consecutive_start(group_rows)
         src = seg.page_view(pages)
         if start is not None:
             src = src[start : start + n]
         else:
-            src = _words(src).index_select(0, rows).view(src.dtype)
+            src = _words(src).index_select(0, group_rows.to(src.device)).view(src.dtype)
             ops += 1
         if src.device != seg.source.device:
             src = src.to(seg.source.device, non_blocking=pages.is_pinned())
             ops += 1
-        _scatter_rows(seg.source, ids, src)
+        _scatter_rows(seg.source, group_ids.to(seg.source.device), src)
         ops += 1
     return ops
+
+
+def _present(ids: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (ids, rows) pairs of a group whose block id is not negative (CPU tensors)."""
+    keep = ids >= 0
+    if bool(keep.all()):
+        return ids, rows
+    return ids[keep], rows[keep]
 
 
 # -- choosing ----------------------------------------------------------------------------
@@ -253,25 +294,35 @@ def _word_aligned(seg: Segment) -> bool:
     )
 
 
-def check_ids(ids: torch.Tensor, rows: torch.Tensor, num_blocks: int, num_rows: int) -> None:
-    """Out-of-range ids would be wild writes in a kernel: refuse them up front."""
-    if ids.numel() != rows.numel():
-        raise BlockCopyError(f"{ids.numel()} block ids but {rows.numel()} page rows")
+def check_ids(
+    ids: torch.Tensor, rows: torch.Tensor, num_blocks: int, num_rows: int, *,
+    groups: int = 1, allow_skips: bool = False,
+) -> None:
+    """Out-of-range ids would be wild writes in a kernel: refuse them up front.
+    `ids` is ``[groups, n]``; `allow_skips` admits -1 (a load skipping that part)."""
+    if ids.dim() != 2 or ids.shape[0] != groups:
+        raise BlockCopyError(f"block ids must be [{groups} groups, n], got {tuple(ids.shape)}")
+    if ids.shape[1] != rows.numel():
+        raise BlockCopyError(f"{ids.shape[1]} block ids but {rows.numel()} page rows")
     if ids.numel() == 0:
         return
-    if int(ids.min()) < 0 or int(ids.max()) >= num_blocks:
+    low = -1 if allow_skips else 0
+    if int(ids.min()) < low or int(ids.max()) >= num_blocks:
         raise BlockCopyError(f"block ids must lie in [0, {num_blocks}), got {ids.tolist()}")
     if int(rows.min()) < 0 or int(rows.max()) >= num_rows:
         raise BlockCopyError(f"page rows must lie in [0, {num_rows}), got {rows.tolist()}")
 
 
 def save_blocks(
-    segments: Sequence[Segment], ids: Sequence[int], pages: torch.Tensor, rows: Sequence[int]
+    segments: Sequence[Segment], ids: BlockIds, pages: torch.Tensor, rows: Sequence[int]
 ) -> int:
     """Copy engine blocks `ids` into rows `rows` of the uint8 page array `pages`
-    ([P, page_bytes]). Returns the device operations issued."""
-    ids_t, rows_t = _as_cpu_index(ids), _as_cpu_index(rows)
-    check_ids(ids_t, rows_t, segments[0].source.shape[0], pages.shape[0])
+    ([P, page_bytes]). `ids`: n block ids, or ``[groups, n]`` for several KV-cache
+    groups (every group's block must exist: a page is whole). Returns the device
+    operations issued."""
+    groups = num_groups(segments)
+    ids_t, rows_t = as_group_ids(ids, groups), _as_cpu_index(rows)
+    check_ids(ids_t, rows_t, segments[0].source.shape[0], pages.shape[0], groups=groups)
     if ids_t.numel() == 0:
         return 0
     if pick_backend(segments, pages) == "triton":
@@ -283,22 +334,36 @@ def save_blocks(
 
 
 def load_blocks(
-    segments: Sequence[Segment], pages: torch.Tensor, rows: Sequence[int], ids: Sequence[int]
+    segments: Sequence[Segment], pages: torch.Tensor, rows: Sequence[int], ids: BlockIds
 ) -> int:
-    """Copy rows `rows` of `pages` into engine blocks `ids` (distinct). Returns the
-    device operations issued."""
-    ids_t, rows_t = _as_cpu_index(ids), _as_cpu_index(rows)
-    check_ids(ids_t, rows_t, segments[0].source.shape[0], pages.shape[0])
+    """Copy rows `rows` of `pages` into engine blocks `ids` (distinct). `ids`: n block
+    ids, or ``[groups, n]`` for several KV-cache groups, where -1 skips that group's
+    part of that page. Returns the device operations issued."""
+    groups = num_groups(segments)
+    ids_t, rows_t = as_group_ids(ids, groups), _as_cpu_index(rows)
+    check_ids(ids_t, rows_t, segments[0].source.shape[0], pages.shape[0], groups=groups,
+              allow_skips=True)
     if ids_t.numel() == 0:
         return 0
-    if ids_t.unique().numel() != ids_t.numel():
+    written = ids_t[ids_t >= 0]
+    if written.unique().numel() != written.numel():
         raise BlockCopyError(f"a load writes each engine block once, got ids {ids_t.tolist()}")
     if pick_backend(segments, pages) == "triton":
         from symram_vllm.kernels import block_copy_triton
 
         return block_copy_triton.load(segments, pages, rows_t, ids_t)
-    device = segments[0].source.device
-    return torch_load(segments, pages, rows_t, ids_t.to(device))
+    return torch_load(segments, pages, rows_t, ids_t)
+
+
+def as_group_ids(values: BlockIds, groups: int) -> torch.Tensor:
+    """Block ids as a CPU int64 ``[groups, n]`` tensor (a flat list is one group)."""
+    if isinstance(values, torch.Tensor):
+        t = values.to(device="cpu", dtype=torch.int64)
+    elif values and isinstance(values[0], Sequence | torch.Tensor):
+        t = torch.tensor([list(map(int, g)) for g in values], dtype=torch.int64)  # type: ignore[arg-type]
+    else:
+        t = torch.tensor(list(values), dtype=torch.int64)
+    return t.reshape(1, -1) if t.dim() == 1 else t
 
 
 def _as_cpu_index(values: Sequence[int] | torch.Tensor) -> torch.Tensor:

