@@ -629,3 +629,38 @@ def test_redis_comes_up_healthy_and_leaves_its_port_free(tmp_path):
     assert not redis.running()
     assert stack.port_is_free(port)
     assert not stack.redis_health(port)()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_up_starts_its_redis_with_a_password_no_other_user_can_read(monkeypatch, tmp_path):
+    """Other local users can reach 127.0.0.1: the stack's directory must not be open to
+    them (forged or wiped entries). The password is in a 0600 file, not on the command
+    line, and not in what `symram up` prints."""
+    import redis
+
+    monkeypatch.setattr(stack, "gateway_available", lambda: False)
+    plan = stack.plan_stack(stack.UpOptions(port=free_port(), state_dir=tmp_path,
+                                            disk_bytes="0"), "/models/m")
+    assert plan.redis_url is not None
+    password = redis.connection.parse_url(plan.redis_url)["password"]
+    proc = plan.processes.processes[0]
+    assert proc.name == "redis" and password not in " ".join(proc.cmd)
+    conf = Path(proc.cmd[1])
+    assert conf.stat().st_mode & 0o077 == 0 and password in conf.read_text()
+    assert stack.without_password(plan.redis_url).count("***") == 1
+    assert password not in stack.without_password(plan.redis_url)
+    port = proc.ports[0]
+    server = subprocess.Popen(proc.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        healthy = proc.health
+        deadline = time.monotonic() + 10
+        while not healthy():
+            assert time.monotonic() < deadline, "redis-server did not answer with the password"
+            time.sleep(0.05)
+        assert not stack.redis_health(port)()  # no password: no PONG
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port).set("forged", 1)
+        assert redis.Redis.from_url(plan.redis_url).ping()
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -163,3 +163,25 @@ def test_codec_refusal_comes_first_then_layers_then_prefix_caching():
     assert "recurrent state" in check_model_family(config, hybrid, "none", hma=True)
     assert "prefix caching off" in check_model_family(config, kv_config((FULL, 1)), "none",
                                                       hma=True)
+
+
+def test_hybrid_groups_of_different_block_shapes_are_refused_naming_each():
+    """One symram page holds a token block of every layer in one shape: groups with
+    another head size (or dtype, heads, block size) cannot share it."""
+    wide = SlidingWindowSpec(block_size=128, num_kv_heads=2, head_size=128, dtype=BF16,
+                             sliding_window=64)
+    message = check_model_family(vllm_config(), kv_config((FULL, 2), (wide, 2)), "none",
+                                 hma=True)
+    assert message is not None and "differ in block shape" in message
+    assert "group 0 (full_attention): 128 tokens per block, 2 KV heads, head size 64+64" \
+        in message
+    assert "group 1 (sliding_window): 128 tokens per block, 2 KV heads, head size 128+128" \
+        in message
+    assert "without --kv-transfer-config" in message
+
+
+def test_windowed_groups_are_the_ones_that_free_blocks_under_a_running_request():
+    from symram_vllm.connectors.families import windowed_groups
+
+    assert windowed_groups(kv_config((FULL, 2), (SLIDING, 2), (SLIDING, 2))) == {1, 2}
+    assert windowed_groups(kv_config((MLA, 2))) == frozenset()

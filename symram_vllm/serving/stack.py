@@ -36,6 +36,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -59,12 +60,22 @@ def http_health(url: str) -> Health:
     return check
 
 
-def redis_health(port: int, host: str = "127.0.0.1") -> Health:
+def redis_health(port: int, host: str = "127.0.0.1", password: str | None = None) -> Health:
     def check() -> bool:
         try:
             with socket.create_connection((host, port), timeout=1.0) as sock:
+                expected = b"+PONG\r\n"
+                if password is not None:
+                    sock.sendall(f"AUTH {password}\r\n".encode())
+                    expected = b"+OK\r\n" + expected
                 sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
+                got = b""
+                while len(got) < len(expected):
+                    chunk = sock.recv(64)
+                    if not chunk:
+                        break
+                    got += chunk
+                return got.startswith(expected)
         except OSError:
             return False
 
@@ -310,10 +321,30 @@ def gateway_command(port: int, backends: Sequence[Backend], host: str = "127.0.0
     return [*cmd, *extra]
 
 
-def redis_command(port: int, workdir: Path) -> list[str]:
+def redis_command(port: int, workdir: Path, password: str | None = None) -> list[str]:
+    """redis-server for the stack's directory. With a password it goes into a config
+    file only the user can read (on the command line any local user could see it in
+    the process list), which redis-server reads first."""
+    cmd = ["redis-server"]
+    if password is not None:
+        conf = workdir / "redis.conf"
+        conf.touch(mode=0o600, exist_ok=True)
+        conf.chmod(0o600)
+        conf.write_text(f"requirepass {password}\n")
+        cmd.append(str(conf))
     # Nothing persisted: the directory is rebuilt from the engines' tiers on start.
-    return ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+    return [*cmd, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "no", "--dir", str(workdir), "--protected-mode", "yes"]
+
+
+def without_password(url: str) -> str:
+    """A Redis URL fit for a log line."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @dataclass
@@ -376,12 +407,15 @@ def plan_stack(options: UpOptions, model: str) -> Stack:
         else:
             redis_port = free_port()
             redis_dir = options.state_dir / "redis"
-            redis_dir.mkdir(parents=True, exist_ok=True)
+            redis_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Even on 127.0.0.1 other local users could reach an open Redis and forge
+            # or wipe the directory: the stack's own one needs a fresh password.
+            password = secrets.token_urlsafe(24)
             processes.add(ManagedProcess(
-                "redis", redis_command(redis_port, redis_dir.resolve()),
-                log_dir / "redis.log", redis_health(redis_port), ports=[redis_port],
-                stop_level=2))
-            redis_url = f"redis://127.0.0.1:{redis_port}/0"
+                "redis", redis_command(redis_port, redis_dir.resolve(), password),
+                log_dir / "redis.log", redis_health(redis_port, password=password),
+                ports=[redis_port], stop_level=2))
+            redis_url = f"redis://:{password}@127.0.0.1:{redis_port}/0"
     engine_urls: list[str] = []
     backends: list[Backend] = []
     control_token = secrets.token_urlsafe(32)  # engines' control endpoints need it
@@ -521,7 +555,7 @@ def print_ready(console: Any, stack: Stack) -> None:
     for i, engine in enumerate(stack.engines):
         lines.append(f"engine-{i}: {engine} (metrics {engine}/metrics)")
     if stack.redis_url:
-        lines.append(f"directory: {stack.redis_url}")
+        lines.append(f"directory: {without_password(stack.redis_url)}")
     lines += [f"logs: {stack.log_dir}", "try:", "  " + sample_curl(stack.url, stack.model),
               "stop with Ctrl-C"]
     console.print("\n".join(lines), highlight=False, soft_wrap=True)
