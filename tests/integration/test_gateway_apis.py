@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -30,6 +28,7 @@ from openai import OpenAI
 
 from symram_vllm.serving.engine_process import EngineServer, free_port, start_all
 from symram_vllm.serving.gateway.prompt import tokenize_request
+from tests.integration.gateway_process import GatewayProcess, code, route
 
 pytestmark = pytest.mark.engine
 
@@ -38,49 +37,8 @@ CONTROL_TOKEN = "gateway-apis-control-token"
 # The operator commands read the token from the local config, as on an engine host.
 CLI_ENV = {**os.environ, "SYMRAM_CONTROL_TOKEN": CONTROL_TOKEN}
 KEYS = [{"key": "sk-tenant-a-0001", "tenant": "a"}, {"key": "sk-tenant-b-0001", "tenant": "b"}]
-
-
-def code(tag: str, lines: int) -> str:
-    return " ".join(f"def {tag}_{i}(x): return x * {i} + {len(tag)}" for i in range(lines))
-
-
-class GatewayProcess:
-    def __init__(self, engines: list[tuple[str, EngineServer, int | None]], log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "symram_vllm.cli", "gateway", "--port", str(self.port)]
-        for name, engine, control in engines:
-            cmd += ["--backend", f"{engine.base_url},name={name}",
-                    "--control", f"http://127.0.0.1:{control}" if control else "none"]
-        env = {**os.environ, "SYMRAM_GATEWAY_TIMEOUTS__HEALTH_INTERVAL_S": "0.5",
-               "SYMRAM_GATEWAY_ROUTING__LOOKUP_TIMEOUT_S": "3",
-               "SYMRAM_GATEWAY_LIMITS__MAX_TOKENS_CAP": "64",
-               "SYMRAM_GATEWAY_API_KEYS": json.dumps(KEYS),
-               "SYMRAM_GATEWAY_CONTROL_TOKEN": CONTROL_TOKEN}
-        self.log = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 60
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gateway exited; see {log}")
-            try:
-                health = httpx.get(f"{self.url}/health", timeout=2)
-                if health.status_code == 200 and health.json()["healthy"] == len(engines):
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"gateway not healthy; see {log}")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-        self.log.close()
+GATEWAY_ENV = {"SYMRAM_GATEWAY_LIMITS__MAX_TOKENS_CAP": "64",
+               "SYMRAM_GATEWAY_API_KEYS": json.dumps(KEYS)}
 
 
 @pytest.fixture(scope="module")
@@ -97,17 +55,15 @@ def fleet(tiny_model, artifacts_dir):
     gateway = None
     try:
         start_all(*(engine for _, engine, _ in engines))
-        gateway = GatewayProcess(engines, artifacts_dir / "gateway_apis.log")
+        gateway = GatewayProcess(engines, artifacts_dir / "gateway_apis.log",
+                                 control_token=CONTROL_TOKEN, env=GATEWAY_ENV,
+                                 wait_engines=True)
         yield gateway, {name: (engine, control) for name, engine, control in engines}
     finally:
         if gateway is not None:
             gateway.stop()
         for _, engine, _ in engines:
             engine.stop()
-
-
-def route(response: httpx.Response) -> dict[str, str]:
-    return dict(p.split("=", 1) for p in response.headers["x-symram-route"].split(";"))
 
 
 def auth(tenant: int = 0) -> dict[str, str]:
@@ -327,7 +283,9 @@ def embedder(tiny_model, artifacts_dir):
     gateway = None
     try:
         engine.start()
-        gateway = GatewayProcess([("emb", engine, None)], artifacts_dir / "gateway_embed.log")
+        gateway = GatewayProcess([("emb", engine, None)], artifacts_dir / "gateway_embed.log",
+                                 control_token=CONTROL_TOKEN, env=GATEWAY_ENV,
+                                 wait_engines=True)
         yield gateway, engine
     finally:
         if gateway is not None:

@@ -18,11 +18,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -31,6 +28,7 @@ from openai import OpenAI
 from redis_fixtures import RedisServer, redis_server_binary
 
 from symram_vllm.serving.engine_process import EngineServer, free_port, start_all
+from tests.integration.gateway_process import GatewayProcess, code, route
 
 pytestmark = pytest.mark.engine
 
@@ -40,63 +38,13 @@ DRAM_PAGES = 10  # tiny model pages: 2 layers x 2 KV heads x 128 tokens x (K|V) 
 PAGE_BYTES = 2 * 2 * BLOCK * 128 * 2
 MAX_TOKENS = 6000  # a generation of several seconds, to be cut short by a disconnect
 CONTROL_TOKEN = "gateway-engines-control-token"
+GATEWAY_ENV = {"SYMRAM_GATEWAY_TIMEOUTS__STATS_INTERVAL_S": "0.5",
+               "SYMRAM_GATEWAY_ROUTING__PREFETCH_WAIT_S": "5",
+               "SYMRAM_GATEWAY_LOG_LEVEL": "debug"}
 
 
-def code(tag: str, lines: int) -> str:
-    return " ".join(f"def {tag}_{i}(x): return x * {i} + {len(tag)}" for i in range(lines))
-
-
-class Gateway:
+class Gateway(GatewayProcess):
     redis: RedisServer
-
-    def __init__(self, engines: list[tuple[str, EngineServer, int]], log: Path,
-                 env: dict[str, str] | None = None) -> None:
-        self.engines = engines
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "symram_vllm.serving.gateway", "--port", str(self.port)]
-        for name, engine, control in engines:
-            cmd += ["--backend", f"{engine.base_url},name={name}",
-                    "--control", f"http://127.0.0.1:{control}"]
-        env = {**os.environ, "SYMRAM_GATEWAY_TIMEOUTS__HEALTH_INTERVAL_S": "0.5",
-               "SYMRAM_GATEWAY_CONTROL_TOKEN": CONTROL_TOKEN,
-               "SYMRAM_GATEWAY_TIMEOUTS__STATS_INTERVAL_S": "0.5",
-               "SYMRAM_GATEWAY_ROUTING__PREFETCH_WAIT_S": "5", "SYMRAM_GATEWAY_LOG_LEVEL": "debug",
-               # The control endpoint shares 2 busy cores with the engine here; the
-               # 150 ms production budget would turn slow lookups into misroutes.
-               "SYMRAM_GATEWAY_ROUTING__LOOKUP_TIMEOUT_S": "3", **(env or {})}
-        self.log = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 60
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gateway exited; see {log}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"gateway not healthy; see {log}")
-            time.sleep(0.2)
-
-    def metric(self, name: str, **labels: str) -> float:
-        """One sample of the gateway's /metrics (0 when absent)."""
-        for line in httpx.get(f"{self.url}/metrics").text.splitlines():
-            series = line.split(" ", 1)[0]
-            if series.split("{", 1)[0] == name and all(
-                    f'{k}="{v}"' in series for k, v in labels.items()):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +74,8 @@ def stack(tiny_model, artifacts_dir, tmp_path_factory):
             info = httpx.get(f"http://127.0.0.1:{control}/symram/info", timeout=5,
                              headers={"Authorization": f"Bearer {CONTROL_TOKEN}"}).json()
             assert info["instance_id"] == name and info["block_size"] == BLOCK
-        gateway = Gateway(engines, artifacts_dir / "gateway.log")
+        gateway = Gateway(engines, artifacts_dir / "gateway.log", control_token=CONTROL_TOKEN,
+                          env=GATEWAY_ENV)
         gateway.redis = server
         yield gateway, {name: engine for name, engine, _ in engines}
     finally:
@@ -135,10 +84,6 @@ def stack(tiny_model, artifacts_dir, tmp_path_factory):
         for _, engine, _ in engines:
             engine.stop()
         server.kill()
-
-
-def route(response: httpx.Response) -> dict[str, str]:
-    return dict(p.split("=", 1) for p in response.headers["x-symram-route"].split(";"))
 
 
 def saved_blocks(engine: EngineServer) -> float:
@@ -270,8 +215,10 @@ def test_client_disconnect_stops_generation_upstream(stack):
             model="demo", prompt="while True:", max_tokens=MAX_TOKENS, temperature=0,
             stream=True, extra_body={"ignore_eos": True}) as response:
         holder = route(response.http_response)["instance"]
-        # Leave mid-stream, on time rather than after N chunks: vLLM's API server on a
-        # busy CPU host sometimes delivers the first chunks late and in one burst.
+        # Leave mid-stream: after the first token arrived (a busy host can take seconds
+        # to prefill), plus a moment, rather than after N chunks: vLLM's API server on a
+        # busy CPU host sometimes delivers chunks late and in one burst.
+        next(response.iter_lines())
         time.sleep(0.3)
     engine = engines[holder]
     left_at = time.monotonic()
@@ -279,7 +226,10 @@ def test_client_disconnect_stops_generation_upstream(stack):
     while engine_gauge(engine, "vllm:num_requests_running") > 0:
         assert time.monotonic() - left_at < 10, "the engine kept generating for a gone client"
         time.sleep(0.1)
-    generated = engine_gauge(engine, "vllm:generation_tokens_total") - before[holder]
+    generated = 0.0
+    while generated <= 0 and time.monotonic() - left_at < 15:  # counters settle per step
+        generated = engine_gauge(engine, "vllm:generation_tokens_total") - before[holder]
+        time.sleep(0.1)
     # ignore_eos: only an abort ends the request before max_tokens.
     assert 0 < generated < MAX_TOKENS / 2
     assert gateway.metric("symram_gateway_client_disconnects_total",
@@ -291,7 +241,8 @@ def test_repeats_under_load_go_to_the_prefix_holder_by_directory(stack, artifact
     endpoints): 16 documents, then each again, 4 requests in flight all the time. At
     least 90% of the repeats go to the engine that computed the document."""
     gateway, _ = stack
-    routed = Gateway(gateway.engines, artifacts_dir / "gateway_directory.log", env={
+    routed = Gateway(gateway.engines, artifacts_dir / "gateway_directory.log",
+                     control_token=CONTROL_TOKEN, env={**GATEWAY_ENV,
         "SYMRAM_GATEWAY_ROUTING__DIRECTORY_URL": gateway.redis.url,
         # Control-endpoint lookups (the fallback) get 1 ms: busy engines cannot answer
         # in time, so prefix routes here come from the directory.
