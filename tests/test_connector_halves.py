@@ -302,3 +302,51 @@ def test_jobs_larger_than_the_dram_tier_move_in_batches():
     assert worker.take_load_errors() == set()
     for name, t in kv.items():
         assert torch.equal(t[[0, 1, 2, 3, 4]], expected[name][1:])
+
+
+def test_a_load_stages_its_next_batch_while_copying_the_current_one():
+    """Double-buffered loads: batch k+1's pages are brought into DRAM (disk reads on a
+    disk hit) while batch k is copied into the engine, never after it."""
+    import threading
+    import time
+
+    from symram_vllm.connectors.metadata import BlockJob, SymramConnectorMetadata
+
+    kv = kv_caches(3)
+    page = 2 * 2 * BS * 64 * 2
+    worker = WorkerSide(SymramConfig(dram_bytes=8 * page), rank=0)  # batches of 4
+    worker.register_kv_caches(kv)
+    keys = [bytes([i + 1]) * 32 for i in range(8)]
+    worker.submit_saves(SymramConnectorMetadata(saves=[BlockJob("r1", list(range(8)), keys)]))
+    drain(worker)
+    expected = {name: t[:8].clone() for name, t in kv.items()}
+    for t in kv.values():
+        t.zero_()
+    events: list[tuple[str, float, str]] = []
+    store, mover = worker.store, worker.mover
+    acquire, load = store.acquire_prefix, mover.load
+
+    def recording_acquire(part):
+        events.append(("stage", time.monotonic(), threading.current_thread().name))
+        return acquire(part)
+
+    def slow_load(*args):
+        events.append(("copy", time.monotonic(), "start"))
+        time.sleep(0.3)
+        ops = load(*args)
+        events.append(("copy", time.monotonic(), "end"))
+        return ops
+
+    store.acquire_prefix, mover.load = recording_acquire, slow_load
+    worker.start_loads(SymramConnectorMetadata(loads=[BlockJob("r2", list(range(8)), keys)]))
+    drain(worker)
+    assert worker.take_load_errors() == set()
+    for name, t in kv.items():
+        assert torch.equal(t[:8], expected[name])
+    stages = [at for kind, at, _ in events if kind == "stage"]
+    copies = [(kind, at, what) for kind, at, what in events if kind == "copy"]
+    assert len(stages) == 2 and len(copies) == 4
+    first_copy_end = copies[1][1]
+    assert stages[1] < first_copy_end  # staged during the first copy, not after it
+    assert all(name.startswith("symram-stage") for kind, _, name in events if kind == "stage")
+    assert store.dram._readers == {}  # every batch's rows were released

@@ -10,7 +10,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import Future, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -86,6 +86,8 @@ class WorkerSide:
         self._counters: dict[str, float] = defaultdict(float)
         self.disabled_reason: str | None = None
         self._seen: dict[str, float] = {}
+        # Brings a load job's next batch into DRAM while the current one is copied.
+        self._stager: ThreadPoolExecutor | None = None
 
     # -- setup ---------------------------------------------------------------------------
     def register_kv_caches(
@@ -216,22 +218,37 @@ class WorkerSide:
         return range(0, n, max(1, self.store.dram.num_slots // 2))
 
     def _load_job(self, job: BlockJob, result: JobResult) -> None:
+        """Batches are double-buffered: while one batch's rows are copied into the
+        engine's blocks, the next batch's pages are brought into DRAM (disk reads,
+        remote fetches) on the staging thread. Each batch is at most half the arena,
+        so both fit."""
         assert self.store is not None and self.mover is not None
+        store = self.store
         keys = [BlockKey(chain, self.rank) for chain in job.keys]
-        moved = 0
         batches = self._batches(len(keys))
-        for start in batches:
-            part = keys[start : start + batches.step]
-            rows = self.store.acquire_prefix(part)
-            try:
-                if rows:
-                    result.ops += self.mover.load(
-                        self.store.dram.arena, rows, job.ids(start, start + len(rows)))
-            finally:
-                self.store.release_many(part[: len(rows)])
-            moved += len(rows)
-            if len(rows) < len(part):
-                break
+        parts = [keys[start : start + batches.step] for start in batches]
+        moved = 0
+        staged: Future[list[int]] | None = self._stage(parts[0]) if parts else None
+        try:
+            for i, (start, part) in enumerate(zip(batches, parts, strict=True)):
+                assert staged is not None
+                rows, staged = staged.result(), None
+                try:
+                    if len(rows) == len(part) and i + 1 < len(parts):
+                        staged = self._stage(parts[i + 1])
+                    if rows:
+                        result.ops += self.mover.load(
+                            store.dram.arena, rows, job.ids(start, start + len(rows)))
+                finally:
+                    store.release_many(part[: len(rows)])
+                moved += len(rows)
+                if len(rows) < len(part):
+                    break
+        finally:
+            if staged is not None:  # a copy failed with the next batch staged: free it
+                with contextlib.suppress(Exception):
+                    rows = staged.result()
+                    store.release_many(parts[i + 1][: len(rows)])
         result.moved_blocks = moved
         result.moved_bytes = moved * self.mover.page_bytes
         if moved < len(job.block_ids):
@@ -239,6 +256,14 @@ class WorkerSide:
             # without it, so report them all.
             result.failed_block_ids = list(job.block_ids[moved:])
             result.failed_keys = [job.keys[moved]]
+
+    def _stage(self, keys: list[BlockKey]) -> Future[list[int]]:
+        """Hold the arena rows of `keys` (promoted into DRAM first) on the staging
+        thread."""
+        assert self.store is not None
+        if self._stager is None:
+            self._stager = ThreadPoolExecutor(1, thread_name_prefix="symram-stage")
+        return self._stager.submit(self.store.acquire_prefix, keys)
 
     def _run_save(self, job: BlockJob) -> JobResult:
         return self._run(job, JobResult(job.req_id, processed_keys=list(job.keys)),
@@ -419,6 +444,8 @@ class WorkerSide:
             self.control.stop()  # type: ignore[attr-defined]
         if self.runner is not None:
             self.runner.shutdown()
+        if self._stager is not None:
+            self._stager.shutdown(wait=True)
         if self.store is not None:
             if self.store.disk is not None and self.config.flush_on_exit_s > 0:
                 # Warm restart: what only DRAM holds would otherwise be lost.
