@@ -57,7 +57,9 @@ def engine_kv_tokens(model: Path, log: Path, connector: str, kv_bytes: int,
 
 def measure(arch: str, kv_bytes: int, max_model_len: int, logs: Path) -> dict[str, Any]:
     model = build_demo_model(None, "tiny", arch=arch)
-    arms = {name: engine_kv_tokens(model, logs / f"models_kv_{arch}_{name}.log", connector,
+    # Logs named by memory and length too: runs at other settings keep their own.
+    tag = f"{arch}_{kv_bytes >> 20}MiB_{max_model_len}"
+    arms = {name: engine_kv_tokens(model, logs / f"models_kv_{tag}_{name}.log", connector,
                                    kv_bytes, max_model_len)
             for name, connector in (("vanilla", "none"), ("symram", "symram"))}
     out: dict[str, Any] = {"model": f"symram demo-model --size tiny --arch {arch}",
