@@ -131,7 +131,7 @@ def run_case(geo: Geometry, layout: str, codec: str, n: int, repeats: int,
         samples["limit_h2d"].append(median_time(lambda: flat_dev.copy_(flat_host), sync))
         samples["load"].append(median_time(load, sync))
         for key in keys:
-            store.evict(key)
+            store.stack.evict(key)
     med = {k: statistics.median(v) for k, v in samples.items()}
     store.close()
     del raw, caches, kv

@@ -1,10 +1,14 @@
-"""TieredStore: the worker-side home of KV pages (put / get / contains / pin / evict).
+"""TieredStore: the worker-side home of KV pages.
 
 It owns the tier stack (DRAM over an optional NVMe tier, over optional remote tiers:
-other engines' disk slots and the Redis page tier) and reports what it gained and
-lost as *events* (chain keys stored / removed from every local tier, and keys that
-entered or left the tiers other engines can read), which the connector forwards to
-the scheduler-side directory. It knows keys and bytes, not vLLM.
+other engines' disk slots and the Redis page tier) and exposes the verbs the worker's
+jobs use: whole-job reserve / commit / abort for saves, acquire / release of a prefix's
+arena rows for loads. It reports what the tiers gained and lost as *events* (chain
+keys stored / removed from every local tier, and keys that entered or left the tiers
+other engines can read), which the connector forwards to the scheduler-side
+directory. Everything else (pins, prefetches, snapshots, per-page reads) is the
+stack's own (``store.stack``), used by the control endpoint and the CLI. It knows
+keys and bytes, not vLLM.
 """
 
 from __future__ import annotations
@@ -12,12 +16,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
-
-import torch
 
 from symram_vllm import latency_sink
 from symram_vllm.keys import BlockKey
@@ -117,7 +117,6 @@ class TieredStore:
             "get_misses": 0,
         }
         self.get_latency = LatencyWindow()
-        self.put_latency = LatencyWindow()
 
     @property
     def dram(self) -> DramTier:
@@ -172,21 +171,6 @@ class TieredStore:
     def contains(self, key: BlockKey) -> bool:
         return self.stack.contains(key)
 
-    def where(self, key: BlockKey) -> str | None:
-        return self.stack.where(key)
-
-    def reserve(
-        self, key: BlockKey, position: int = 0, parent: BlockKey | None = None
-    ) -> torch.Tensor | None:
-        """A DRAM slot to fill for `key`; None if it is already stored or there is no room."""
-        if self.stack.contains(key):
-            self._count("put_skipped_present")
-            return None
-        slot = self.stack.reserve(key, position, parent)
-        if slot is None:
-            self._count("put_skipped_present" if self.stack.contains(key) else "put_rejected_full")
-        return slot
-
     def reserve_many(
         self, keys: Sequence[BlockKey], positions: Sequence[int],
         parents: Sequence[BlockKey | None],
@@ -209,35 +193,7 @@ class TieredStore:
     def abort(self, key: BlockKey) -> None:
         self.stack.abort(key)
 
-    def put(self, key: BlockKey, page: torch.Tensor, position: int = 0) -> bool:
-        start = time.perf_counter()
-        slot = self.reserve(key, position)
-        if slot is None:
-            return self.contains(key)
-        try:
-            slot.copy_(page.reshape(-1))
-        except BaseException:
-            self.abort(key)
-            raise
-        self.commit(key)
-        self.put_latency.add(time.perf_counter() - start)
-        return True
-
     # -- read path -----------------------------------------------------------------------
-    def acquire(self, key: BlockKey) -> torch.Tensor | None:
-        """A DRAM view of the page (promoted from disk on a disk hit), held until
-        `release`; None on a miss."""
-        start = time.perf_counter()
-        view = self.stack.acquire(key)
-        self._count("get_hits" if view is not None else "get_misses")
-        elapsed = time.perf_counter() - start
-        self.get_latency.add(elapsed)
-        latency_sink.record("get", elapsed)  # symram:page_get_duration_seconds
-        return view
-
-    def release(self, key: BlockKey) -> None:
-        self.stack.release(key)
-
     def acquire_prefix(self, keys: Sequence[BlockKey]) -> list[int]:
         """DRAM arena rows of the longest prefix of `keys` any tier holds (promoted
         into DRAM first), held until `release_many`."""
@@ -246,44 +202,16 @@ class TieredStore:
         with self._lock:
             self.counters["get_hits"] += len(rows)
             self.counters["get_misses"] += int(len(rows) < len(keys))
-        self.get_latency.add(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        self.get_latency.add(elapsed)
+        latency_sink.record("get", elapsed)  # symram:page_get_duration_seconds
         return rows
 
     def release_many(self, keys: Sequence[BlockKey]) -> None:
         self.stack.release_many(keys)
 
-    def get(self, key: BlockKey, out: torch.Tensor | None = None) -> torch.Tensor | None:
-        view = self.acquire(key)
-        if view is None:
-            return None
-        try:
-            if out is None:
-                return view.clone()
-            out.copy_(view)
-            return out
-        finally:
-            self.release(key)
-
-    # -- management ----------------------------------------------------------------------
-    def pin(self, key: BlockKey, ttl_s: float | None = None) -> bool:
-        return self.stack.pin(key, ttl_s)
-
-    def unpin(self, key: BlockKey) -> None:
-        self.stack.unpin(key)
-
-    def evict(self, key: BlockKey) -> bool:
-        return self.stack.evict(key)
-
-    def prefetch(self, keys: Iterable[BlockKey]) -> Future[int]:
-        """Promote `keys` from disk to DRAM ahead of need; the future resolves to how
-        many of them are DRAM-resident afterwards."""
-        return self.stack.prefetch(keys)
-
     def flush(self, timeout: float | None = None) -> None:
         self.stack.flush(timeout)
-
-    def snapshot(self, path: str | Path) -> Path:
-        return self.stack.snapshot(path)
 
     def stats(self) -> dict[str, float]:
         out = self.stack.stats()

@@ -93,7 +93,8 @@ GAUGES: dict[str, str] = {
 MAX_GAUGES = frozenset({"disk_writes_disabled", "directory_available", "bypass_active",
                         "dedupe_ratio", "peer_disk_slots"})
 HISTOGRAMS: dict[str, tuple[str, str]] = {
-    "get": ("page_get_duration_seconds", "Latency of one page get from the tiers"),
+    "get": ("page_get_duration_seconds",
+            "Latency of getting a load job's pages from the tiers (promotion included)"),
     "load": ("load_duration_seconds", "Latency of one load job (tiers -> engine)"),
     "save": ("save_duration_seconds", "Latency of one save job (engine -> tiers)"),
 }
