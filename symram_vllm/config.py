@@ -50,8 +50,8 @@ from pydantic_settings import (
 )
 
 from symram_vllm.directory.redis_settings import RedisSettings
-from symram_vllm.policy import PolicyConfig
 from symram_vllm.tiers.disk_config import DiskTierConfig
+from symram_vllm.tiers.policy import PolicyConfig
 
 logger = logging.getLogger("symram.config")
 
@@ -61,7 +61,7 @@ EXTRA_CONFIG = "kv_connector_extra_config"
 # SYMRAM_* variables that other parts read (not config fields): never "unknown".
 OTHER_ENV = frozenset({
     CONFIG_FILE_ENV,
-    "SYMRAM_SNAPSHOT_KEY",  # snapshot.py: manifest signing key
+    "SYMRAM_SNAPSHOT_KEY",  # tiers/snapshot.py: manifest signing key
     "SYMRAM_TORCH_INDEX", "SYMRAM_VENV",  # scripts/setup.sh
     "SYMRAM_PORT",  # deploy/docker compose
     "SYMRAM_CHROMIUM", "SYMRAM_CHROMEDRIVER",  # the dashboard browser test

@@ -6,7 +6,9 @@ import torch
 from test_disk_tier import GatedIO
 
 from symram_vllm.keys import BlockKey
-from symram_vllm.policy import (
+from symram_vllm.tiers.disk import DiskTier, DiskTierConfig
+from symram_vllm.tiers.page_format import HEADER_BYTES
+from symram_vllm.tiers.policy import (
     BlockLedger,
     EvictionPolicy,
     PlacementPolicy,
@@ -14,9 +16,7 @@ from symram_vllm.policy import (
     RecomputeCost,
     TierCost,
 )
-from symram_vllm.snapshot import ManifestError
-from symram_vllm.tiers.disk import DiskTier, DiskTierConfig
-from symram_vllm.tiers.page_format import HEADER_BYTES
+from symram_vllm.tiers.snapshot import ManifestError
 from symram_vllm.tiers.stack import TierStack
 
 PAGE = 4096

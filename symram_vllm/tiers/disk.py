@@ -43,7 +43,6 @@ import torch
 from symram_vllm.codecs.base import CorruptPageError
 from symram_vllm.codecs.zstd import ZstdCodec
 from symram_vllm.keys import BlockKey
-from symram_vllm.snapshot import ManifestError, read_manifest, snapshot_secret, write_manifest
 from symram_vllm.tiers.aligned_io import (
     AlignedBuffer,
     FileIO,
@@ -86,6 +85,7 @@ from symram_vllm.tiers.page_format import (
     verify_payload,
     zstd_codec_name,
 )
+from symram_vllm.tiers.snapshot import ManifestError, read_manifest, snapshot_secret, write_manifest
 from symram_vllm.tiers.staging import StagingPool
 from symram_vllm.tiers.write_gate import WriteGate
 

@@ -38,11 +38,11 @@ from typing import Protocol
 import torch
 
 from symram_vllm.keys import BlockKey
-from symram_vllm.policy import BlockLedger, EvictionPolicy, PlacementPolicy, PolicyConfig
-from symram_vllm.snapshot import ManifestEntry, read_manifest, snapshot_secret, write_manifest
 from symram_vllm.tiers.disk import DiskTier
 from symram_vllm.tiers.disk_layout import relative_page_path
 from symram_vllm.tiers.dram import DramTier, DramTierFull
+from symram_vllm.tiers.policy import BlockLedger, EvictionPolicy, PlacementPolicy, PolicyConfig
+from symram_vllm.tiers.snapshot import ManifestEntry, read_manifest, snapshot_secret, write_manifest
 
 logger = logging.getLogger(__name__)
 
