@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -311,13 +312,40 @@ class ConfigError(ValueError):
 
 # --- the environment's SYMRAM_* names ---------------------------------------------------
 def _fields(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
-    """Every field path of `model`, sections and their fields alike."""
+    """Every setting path of `model`, sections and their fields alike (internal fields,
+    which are no settings, left out)."""
     for name, field in model.model_fields.items():
+        if is_internal(field):
+            continue
         path = (*prefix, name)
         yield path
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             yield from _fields(annotation, path)
+
+
+def is_internal(field: FieldInfo) -> bool:
+    """A field that is no setting (``json_schema_extra={"internal": True}``): the engine
+    fills it; the docs leave it out, and its section refuses it as input."""
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get("internal"))
+
+
+def settings(model: type[BaseModel] | None = None) -> Iterator[tuple[str, ...]]:
+    """The path of every leaf setting (sections walked, not listed): what
+    ``docs/config.md`` tabulates and ``tests/test_config_coverage.py`` checks."""
+    model = model or SymramConfig
+    for path in _fields(model):
+        field = _field_at(model, path)
+        annotation = field.annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            yield path
+
+
+def _field_at(model: type[BaseModel], path: tuple[str, ...]) -> FieldInfo:
+    for part in path[:-1]:
+        model = model.model_fields[part].annotation  # type: ignore[assignment]
+    return model.model_fields[path[-1]]
 
 
 def env_name(path: tuple[str | int, ...]) -> str:

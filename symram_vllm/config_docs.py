@@ -16,7 +16,7 @@ import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from symram_vllm.config import SymramConfig, env_name, human_bytes
+from symram_vllm.config import SymramConfig, env_name, human_bytes, is_internal
 
 HEADER = """\
 # symram configuration reference
@@ -87,6 +87,8 @@ def _section(model: type[BaseModel], path: tuple[str, ...], out: list[str]) -> N
             "| --- | --- | --- | --- | --- |"]
     nested = []
     for name, field in model.model_fields.items():
+        if is_internal(field):
+            continue
         key = ".".join((*path, name))
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):

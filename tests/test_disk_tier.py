@@ -179,8 +179,8 @@ def test_victim_chooser_sees_lru_window(tmp_path):
         seen.append(list(candidates))
         return candidates[-1]  # the most recent of the window
 
-    tier = make(tmp_path, pages=3, victim_window=2)
-    tier.victim_chooser = chooser
+    tier = make(tmp_path, pages=3)
+    tier.victim_chooser, tier.victim_window = chooser, 2
     for i in range(4):
         tier.set(key(i), page(i))
     assert seen == [[key(0), key(1)]]

@@ -319,3 +319,12 @@ def test_snapshot_and_restore(tmp_path):
     with pytest.raises(ManifestError, match="entry 1"):
         stack.restore(snap)
     stack.close()
+
+
+def test_one_victim_window_for_both_tiers(tmp_path):
+    # policy.victim_window is the only eviction sample size: the stack hands it to the
+    # DRAM arena and to the disk tier (disk.victim_window was its duplicate).
+    stack, _, _ = build(tmp_path, dram_pages=2, disk_pages=4, victim_window=3)
+    assert stack.disk is not None and stack.disk.victim_window == 3
+    assert stack.dram._victim_window == 3
+    stack.close()

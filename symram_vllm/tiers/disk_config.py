@@ -1,11 +1,23 @@
 """The disk tier's settings, apart from the tier so that reading a config (the CLI, the
-gateway, ``symram doctor``) does not import torch."""
+gateway, ``symram doctor``) does not import torch.
+
+One knob, one place: the eviction sample size is ``policy.victim_window`` (the tier stack
+hands it to both tiers) and the page codec is the top-level ``codec``. Their old copies
+here, ``disk.victim_window`` and ``disk.codec`` (which the engine silently overwrote with
+``codec``), are refused with a message naming the setting to use instead.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Settings this section no longer takes: name -> what to set instead.
+REMOVED = {
+    "victim_window": "policy.victim_window (SYMRAM_POLICY__VICTIM_WINDOW): one eviction "
+    "sample size for the DRAM and the disk tier",
+}
 
 
 class DiskTierConfig(BaseModel):
@@ -30,14 +42,36 @@ class DiskTierConfig(BaseModel):
     manifest: bool = Field(True, description="Write a manifest on close, use it on start.")
     quarantine_max_files: int = Field(256, ge=0)
     progress_min_files: int = Field(2000, ge=0, description="Show a progress bar above this.")
-    victim_window: int = Field(16, ge=1, description="LRU candidates a victim chooser sees.")
-    codec: str = Field("none", description="Codec name recorded in headers by default.")
+    # Not a setting: the engine copies the top-level `codec` here (connectors/
+    # worker_tiers.py), and the tier records it in page headers. Hidden from the docs
+    # and from dumps (`symram doctor --config`), refused as input (_no_codec).
+    codec: str = Field(
+        "none", exclude=True, json_schema_extra={"internal": True},
+        description="Codec name recorded in page headers; set from the top-level codec.",
+    )
     compress: Literal["none", "zstd"] = Field(
         "none",
         description="Lossless stage for pages on disk: zstd compresses each page in the "
         "writer threads (kept only if it saves a 4 KiB block); reads decompress.",
     )
     zstd_level: int = Field(1, ge=-7, le=22, description="zstd level (not 0; negative = fast).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, instead in REMOVED.items():
+                if name in data:
+                    raise ValueError(f"disk.{name} was removed: set {instead}")
+        return data
+
+    @field_validator("codec")
+    @classmethod
+    def _no_codec(cls, value: str) -> str:
+        raise ValueError(
+            "disk.codec is not a setting (the engine replaced it with the top-level codec): "
+            f"remove it and set codec: {value} (SYMRAM_CODEC={value})"
+        )
 
     @field_validator("zstd_level")
     @classmethod

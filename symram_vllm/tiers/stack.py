@@ -118,6 +118,7 @@ class TierStack:
         if disk is not None:
             disk.on_evict = self._on_disk_evict
             disk.victim_chooser = self.eviction.choose_victim
+            disk.victim_window = max(1, self.config.victim_window)
         self._lock = threading.Lock()
         self._reserved: dict[BlockKey, torch.Tensor] = {}
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
