@@ -288,6 +288,19 @@ class SymramConfig(BaseSettings):
     def _bytes(cls, value: Any) -> int:
         return parse_bytes(value)
 
+    @field_validator("disk", mode="before")
+    @classmethod
+    def _no_disk_codec(cls, value: Any) -> Any:
+        # disk.codec is the engine's copy of `codec` (internal): the engine used to
+        # overwrite a configured one silently; now it is an error that names the fix.
+        if isinstance(value, Mapping) and "codec" in value:
+            codec = value["codec"]
+            raise ValueError(
+                "disk.codec is not a setting (the engine replaced it with the top-level "
+                f"codec): remove it and set codec: {codec} (SYMRAM_CODEC={codec})"
+            )
+        return value
+
     @field_validator("directory_url", "redis_pages_url")
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:

@@ -4,7 +4,7 @@ gateway, ``symram doctor``) does not import torch.
 One knob, one place: the eviction sample size is ``policy.victim_window`` (the tier stack
 hands it to both tiers) and the page codec is the top-level ``codec``. Their old copies
 here, ``disk.victim_window`` and ``disk.codec`` (which the engine silently overwrote with
-``codec``), are refused with a message naming the setting to use instead.
+``codec``), are refused in a config with a message naming the setting to use instead.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class DiskTierConfig(BaseModel):
     progress_min_files: int = Field(2000, ge=0, description="Show a progress bar above this.")
     # Not a setting: the engine copies the top-level `codec` here (connectors/
     # worker_tiers.py), and the tier records it in page headers. Hidden from the docs
-    # and from dumps (`symram doctor --config`), refused as input (_no_codec).
+    # and from dumps (`symram doctor --config`); SymramConfig refuses it as input.
     codec: str = Field(
         "none", exclude=True, json_schema_extra={"internal": True},
         description="Codec name recorded in page headers; set from the top-level codec.",
@@ -64,14 +64,6 @@ class DiskTierConfig(BaseModel):
                 if name in data:
                     raise ValueError(f"disk.{name} was removed: set {instead}")
         return data
-
-    @field_validator("codec")
-    @classmethod
-    def _no_codec(cls, value: str) -> str:
-        raise ValueError(
-            "disk.codec is not a setting (the engine replaced it with the top-level codec): "
-            f"remove it and set codec: {value} (SYMRAM_CODEC={value})"
-        )
 
     @field_validator("zstd_level")
     @classmethod
