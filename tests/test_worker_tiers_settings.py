@@ -69,3 +69,17 @@ def test_control_endpoint_gets_the_configured_limits(monkeypatch):
     limits = started["limits"]
     assert (limits.rate_per_client, limits.burst_per_client, limits.cpu_share) == (5.0, 10.0, 0.2)
     assert started["port"] == 9101 and started["token"] == TOKEN
+
+
+def test_the_one_lease_ttl_reaches_the_directory_without_redis_too():
+    # redis.lease_ttl_s is the only lease TTL (the connector's LEASE_TTL_S is gone): the
+    # scheduler's directory takes it from the config, embedded directory included.
+    from symram_vllm.connectors.symram_connector import _open_directory
+
+    config = SymramConfig(redis={"lease_ttl_s": 7, "fleet_answer_ttl_s": 1})
+    directory = _open_directory(config, b"ns", frozenset())
+    try:
+        assert directory.options.lease_ttl_s == 7
+        assert directory.options.answer_ttl_s == 1
+    finally:
+        directory.close()
