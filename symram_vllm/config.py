@@ -39,7 +39,14 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -72,6 +79,14 @@ OTHER_ENV = frozenset({
 })
 OTHER_ENV_PREFIXES = ("SYMRAM_GATEWAY_", "SYMRAM_TEST_")  # the gateway's; the tests'
 DIRECTORY_SCHEMES = ("redis", "rediss", "unix", "redis+cluster")
+# Keys a config may no longer hold: dotted path -> the fix (listed in docs/config.md).
+REMOVED_SETTINGS = {
+    "disk.victim_window": "set policy.victim_window (SYMRAM_POLICY__VICTIM_WINDOW), the one "
+    "eviction sample size of the DRAM and the disk tier",
+    # Internal: the engine copies `codec` into the disk tier's config, and used to
+    # overwrite a configured disk.codec silently.
+    "disk.codec": "set codec (SYMRAM_CODEC); the engine replaced disk.codec with it",
+}
 
 # --- byte sizes -----------------------------------------------------------------------
 # One letter follows vLLM (vllm.utils.argparse_utils.human_readable_int): K/M/G/T are
@@ -288,17 +303,14 @@ class SymramConfig(BaseSettings):
     def _bytes(cls, value: Any) -> int:
         return parse_bytes(value)
 
-    @field_validator("disk", mode="before")
+    @field_validator("disk", "policy", "redis", mode="before")
     @classmethod
-    def _no_disk_codec(cls, value: Any) -> Any:
-        # disk.codec is the engine's copy of `codec` (internal): the engine used to
-        # overwrite a configured one silently; now it is an error that names the fix.
-        if isinstance(value, Mapping) and "codec" in value:
-            codec = value["codec"]
-            raise ValueError(
-                "disk.codec is not a setting (the engine replaced it with the top-level "
-                f"codec): remove it and set codec: {codec} (SYMRAM_CODEC={codec})"
-            )
+    def _removed(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, Mapping):
+            for name in value:
+                path = f"{info.field_name}.{name}"
+                if path in REMOVED_SETTINGS:
+                    raise ValueError(f"{path} is not a setting: {REMOVED_SETTINGS[path]}")
         return value
 
     @field_validator("directory_url", "redis_pages_url")

@@ -16,7 +16,13 @@ import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from symram_vllm.config import SymramConfig, env_name, human_bytes, is_internal
+from symram_vllm.config import (
+    REMOVED_SETTINGS,
+    SymramConfig,
+    env_name,
+    human_bytes,
+    is_internal,
+)
 
 HEADER = """\
 # symram configuration reference
@@ -106,6 +112,10 @@ def _section(model: type[BaseModel], path: tuple[str, ...], out: list[str]) -> N
 def render() -> str:
     out = [HEADER.rstrip()]
     _section(SymramConfig, (), out)
+    out += ["", "## Removed settings", "", "A config that holds one of these stops the engine "
+            "with the fix named.", "", "| setting | environment | instead |", "| --- | --- | --- |"]
+    for path, instead in REMOVED_SETTINGS.items():
+        out.append(f"| `{path}` | `{env_name(tuple(path.split('.')))}` | {instead} |")
     return "\n".join(out) + "\n"
 
 

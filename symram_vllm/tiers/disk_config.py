@@ -4,20 +4,15 @@ gateway, ``symram doctor``) does not import torch.
 One knob, one place: the eviction sample size is ``policy.victim_window`` (the tier stack
 hands it to both tiers) and the page codec is the top-level ``codec``. Their old copies
 here, ``disk.victim_window`` and ``disk.codec`` (which the engine silently overwrote with
-``codec``), are refused in a config with a message naming the setting to use instead.
+``codec``), are refused in a config, naming the setting to use instead
+(``config.REMOVED_SETTINGS``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-# Settings this section no longer takes: name -> what to set instead.
-REMOVED = {
-    "victim_window": "policy.victim_window (SYMRAM_POLICY__VICTIM_WINDOW): one eviction "
-    "sample size for the DRAM and the disk tier",
-}
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class DiskTierConfig(BaseModel):
@@ -55,15 +50,6 @@ class DiskTierConfig(BaseModel):
         "writer threads (kept only if it saves a 4 KiB block); reads decompress.",
     )
     zstd_level: int = Field(1, ge=-7, le=22, description="zstd level (not 0; negative = fast).")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _removed(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for name, instead in REMOVED.items():
-                if name in data:
-                    raise ValueError(f"disk.{name} was removed: set {instead}")
-        return data
 
     @field_validator("zstd_level")
     @classmethod
