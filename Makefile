@@ -33,8 +33,10 @@ test: setup-test
 test-fast: setup
 	@$(PY) -m pytest -q -m "not engine"
 
+# ruff, then the import layers (pyproject.toml [tool.importlinter]; docs/architecture.md).
 lint: setup
 	@$(VENV)/bin/ruff check symram_vllm tests loadtest
+	@$(VENV)/bin/lint-imports --no-cache
 
 bench-ttft: setup
 	@$(PY) -m loadtest.bench_ttft --arch $(or $(ARCH),llama)

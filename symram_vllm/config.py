@@ -39,7 +39,15 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -50,8 +58,8 @@ from pydantic_settings import (
 )
 
 from symram_vllm.directory.redis_settings import RedisSettings
-from symram_vllm.policy import PolicyConfig
 from symram_vllm.tiers.disk_config import DiskTierConfig
+from symram_vllm.tiers.policy import PolicyConfig
 
 logger = logging.getLogger("symram.config")
 
@@ -61,7 +69,7 @@ EXTRA_CONFIG = "kv_connector_extra_config"
 # SYMRAM_* variables that other parts read (not config fields): never "unknown".
 OTHER_ENV = frozenset({
     CONFIG_FILE_ENV,
-    "SYMRAM_SNAPSHOT_KEY",  # snapshot.py: manifest signing key
+    "SYMRAM_SNAPSHOT_KEY",  # tiers/snapshot.py: manifest signing key
     "SYMRAM_TORCH_INDEX", "SYMRAM_VENV",  # scripts/setup.sh
     "SYMRAM_PORT",  # deploy/docker compose
     "SYMRAM_CHROMIUM", "SYMRAM_CHROMEDRIVER",  # the dashboard browser test
@@ -71,6 +79,14 @@ OTHER_ENV = frozenset({
 })
 OTHER_ENV_PREFIXES = ("SYMRAM_GATEWAY_", "SYMRAM_TEST_")  # the gateway's; the tests'
 DIRECTORY_SCHEMES = ("redis", "rediss", "unix", "redis+cluster")
+# Keys a config may no longer hold: dotted path -> the fix (listed in docs/config.md).
+REMOVED_SETTINGS = {
+    "disk.victim_window": "set policy.victim_window (SYMRAM_POLICY__VICTIM_WINDOW), the one "
+    "eviction sample size of the DRAM and the disk tier",
+    # Internal: the engine copies `codec` into the disk tier's config, and used to
+    # overwrite a configured disk.codec silently.
+    "disk.codec": "set codec (SYMRAM_CODEC); the engine replaced disk.codec with it",
+}
 
 # --- byte sizes -----------------------------------------------------------------------
 # One letter follows vLLM (vllm.utils.argparse_utils.human_readable_int): K/M/G/T are
@@ -287,6 +303,16 @@ class SymramConfig(BaseSettings):
     def _bytes(cls, value: Any) -> int:
         return parse_bytes(value)
 
+    @field_validator("disk", "policy", "redis", mode="before")
+    @classmethod
+    def _removed(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, Mapping):
+            for name in value:
+                path = f"{info.field_name}.{name}"
+                if path in REMOVED_SETTINGS:
+                    raise ValueError(f"{path} is not a setting: {REMOVED_SETTINGS[path]}")
+        return value
+
     @field_validator("directory_url", "redis_pages_url")
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:
@@ -311,13 +337,40 @@ class ConfigError(ValueError):
 
 # --- the environment's SYMRAM_* names ---------------------------------------------------
 def _fields(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
-    """Every field path of `model`, sections and their fields alike."""
+    """Every setting path of `model`, sections and their fields alike (internal fields,
+    which are no settings, left out)."""
     for name, field in model.model_fields.items():
+        if is_internal(field):
+            continue
         path = (*prefix, name)
         yield path
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             yield from _fields(annotation, path)
+
+
+def is_internal(field: FieldInfo) -> bool:
+    """A field that is no setting (``json_schema_extra={"internal": True}``): the engine
+    fills it; the docs leave it out, and its section refuses it as input."""
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get("internal"))
+
+
+def settings(model: type[BaseModel] | None = None) -> Iterator[tuple[str, ...]]:
+    """The path of every leaf setting (sections walked, not listed): what
+    ``docs/config.md`` tabulates and ``tests/test_config_coverage.py`` checks."""
+    model = model or SymramConfig
+    for path in _fields(model):
+        field = _field_at(model, path)
+        annotation = field.annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            yield path
+
+
+def _field_at(model: type[BaseModel], path: tuple[str, ...]) -> FieldInfo:
+    for part in path[:-1]:
+        model = model.model_fields[part].annotation  # type: ignore[assignment]
+    return model.model_fields[path[-1]]
 
 
 def env_name(path: tuple[str | int, ...]) -> str:

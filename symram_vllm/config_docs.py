@@ -16,7 +16,13 @@ import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from symram_vllm.config import SymramConfig, env_name, human_bytes
+from symram_vllm.config import (
+    REMOVED_SETTINGS,
+    SymramConfig,
+    env_name,
+    human_bytes,
+    is_internal,
+)
 
 HEADER = """\
 # symram configuration reference
@@ -87,6 +93,8 @@ def _section(model: type[BaseModel], path: tuple[str, ...], out: list[str]) -> N
             "| --- | --- | --- | --- | --- |"]
     nested = []
     for name, field in model.model_fields.items():
+        if is_internal(field):
+            continue
         key = ".".join((*path, name))
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -104,6 +112,10 @@ def _section(model: type[BaseModel], path: tuple[str, ...], out: list[str]) -> N
 def render() -> str:
     out = [HEADER.rstrip()]
     _section(SymramConfig, (), out)
+    out += ["", "## Removed settings", "", "A config that holds one of these stops the engine "
+            "with the fix named.", "", "| setting | environment | instead |", "| --- | --- | --- |"]
+    for path, instead in REMOVED_SETTINGS.items():
+        out.append(f"| `{path}` | `{env_name(tuple(path.split('.')))}` | {instead} |")
     return "\n".join(out) + "\n"
 
 

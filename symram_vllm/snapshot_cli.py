@@ -32,15 +32,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 from symram_vllm.keys import BlockKey
-from symram_vllm.snapshot import (
-    SNAPSHOT_KEY_ENV,
-    Manifest,
-    ManifestEntry,
-    ManifestError,
-    read_manifest,
-    snapshot_secret,
-    write_manifest,
-)
 from symram_vllm.tiers.aligned_io import AlignedBuffer, PosixFileIO
 from symram_vllm.tiers.disk_housekeeping import DirectoryLock, DiskTierLocked
 from symram_vllm.tiers.disk_layout import (
@@ -52,6 +43,15 @@ from symram_vllm.tiers.disk_layout import (
     walk_pages,
 )
 from symram_vllm.tiers.page_format import HEADER_BYTES, PageCorrupt
+from symram_vllm.tiers.snapshot import (
+    SNAPSHOT_KEY_ENV,
+    Manifest,
+    ManifestEntry,
+    ManifestError,
+    read_manifest,
+    snapshot_secret,
+    write_manifest,
+)
 
 SNAPSHOT_FORMAT = "symram-disk-snapshot"
 _TIER_DIR = re.compile(r"^rank\d+(\.\d+)?$")

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING
 
 from symram_vllm import latency_sink
 from symram_vllm.keys import BlockKey
-from symram_vllm.policy import PolicyConfig
 from symram_vllm.tiers.disk import DiskTier
 from symram_vllm.tiers.dram import DramTier
 from symram_vllm.tiers.events import TierEvent, TierName, TierOp
+from symram_vllm.tiers.policy import PolicyConfig
 from symram_vllm.tiers.stack import RemoteTier, TierStack
 
 if TYPE_CHECKING:

@@ -166,6 +166,39 @@ def test_ambiguous_byte_units_rejected_with_both_spellings(text):
     assert f"{number}{text[len(number)].upper()}iB" in str(caught.value)
 
 
+def test_removed_disk_victim_window_names_the_one_setting(tmp_path, monkeypatch):
+    # One eviction sample size: policy.victim_window, handed to both tiers by the stack.
+    cfg = write(tmp_path / "old.yaml", "disk:\n  victim_window: 8\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path=cfg)
+    assert "old.yaml: disk: disk.victim_window is not a setting" in str(caught.value)
+    assert "policy.victim_window" in str(caught.value)
+    monkeypatch.setenv("SYMRAM_DISK__VICTIM_WINDOW", "8")
+    with pytest.raises(ConfigError, match="SYMRAM_POLICY__VICTIM_WINDOW"):
+        load_config()
+    monkeypatch.delenv("SYMRAM_DISK__VICTIM_WINDOW")
+    assert load_config({"policy": {"victim_window": 4}}).policy.victim_window == 4
+
+
+def test_disk_codec_is_refused_naming_the_top_level_codec(monkeypatch):
+    # It used to be silently replaced by `codec`; now the conflict is an error.
+    with pytest.raises(ConfigError) as caught:
+        load_config({"codec": "none", "disk": {"codec": "int8"}})
+    message = str(caught.value)
+    assert "extra_config: disk: disk.codec is not a setting: set codec (SYMRAM_CODEC)" in message
+    monkeypatch.setenv("SYMRAM_DISK__CODEC", "fp8")
+    refused = r"SYMRAM_DISK\w*: disk.codec is not a setting: set codec"
+    with pytest.raises(ConfigError, match=refused):
+        load_config()
+    monkeypatch.delenv("SYMRAM_DISK__CODEC")
+    # Not a setting: not in the reference, not in `symram doctor --config`'s dump.
+    loaded = load_config({"codec": "int8"})
+    assert "codec" not in loaded.model_dump()["disk"]
+    reference = (ROOT / "docs" / "config.md").read_text()
+    assert "| `disk.codec` | `SYMRAM_DISK__CODEC` | set codec" in reference  # removed list
+    assert "`disk.codec` | `SYMRAM_DISK__CODEC` | `none`" not in reference  # not a setting
+
+
 def test_generated_reference_is_in_sync():
     from symram_vllm.config_docs import render
 

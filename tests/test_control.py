@@ -12,9 +12,9 @@ import torch
 
 from symram_vllm.control import MAX_KEYS, ControlServer
 from symram_vllm.keys import BlockKey
-from symram_vllm.policy import PolicyConfig
 from symram_vllm.tiers.disk import DiskTier, DiskTierConfig
 from symram_vllm.tiers.page_format import HEADER_BYTES
+from symram_vllm.tiers.policy import PolicyConfig
 from symram_vllm.tiers.stack import TierStack
 
 PAGE = 4096

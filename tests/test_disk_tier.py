@@ -179,8 +179,8 @@ def test_victim_chooser_sees_lru_window(tmp_path):
         seen.append(list(candidates))
         return candidates[-1]  # the most recent of the window
 
-    tier = make(tmp_path, pages=3, victim_window=2)
-    tier.victim_chooser = chooser
+    tier = make(tmp_path, pages=3)
+    tier.victim_chooser, tier.victim_window = chooser, 2
     for i in range(4):
         tier.set(key(i), page(i))
     assert seen == [[key(0), key(1)]]
@@ -404,3 +404,45 @@ def test_one_live_tier_per_directory(tmp_path):
         make(tmp_path)
     tier.close()
     make(tmp_path).close()  # released on close
+
+
+def test_block_timeout_bounds_the_wait_then_drops(tmp_path):
+    io = GatedIO()
+    tier = DiskTier(
+        tmp_path, 16 * FILE, file_io=io, cipher=CIPHER,
+        config=DiskTierConfig(write_workers=1, write_queue=0, block_timeout_s=0.05),
+    )
+    first = tier.set_async(key(0), page(0))
+    assert io.writing.wait(5)
+    start = time.perf_counter()
+    late = tier.set_async(key(1), page(1))  # 'block' mode, but only for block_timeout_s
+    assert late.done() and late.result() is False
+    assert time.perf_counter() - start < 2
+    assert tier.stats().extra["dropped_writes"] == 1
+    io.gate.set()
+    assert first.result(5)
+    tier.close()
+
+
+def test_read_workers_and_io_backend_are_honoured(tmp_path):
+    tier = make(tmp_path, read_workers=3, io_backend="posix", direct_io="off")
+    assert tier._reader._max_workers == 3
+    assert type(tier.io) is PosixFileIO and "posix requested" in tier.io_reason
+    tier.set(key(0), page(0))
+    assert torch.equal(tier.get_async(key(0)).result(5), page(0))
+    tier.close()
+
+
+def test_write_gate_back_off_doubles_up_to_retry_backoff_max_s(tmp_path):
+    now = [0.0]
+    tier = DiskTier(tmp_path, 8 * FILE, clock=lambda: now[0], cipher=CIPHER,
+                    config=DiskTierConfig(retry_backoff_s=1, retry_backoff_max_s=3))
+    tier.gate.failed(OSError("disk gone"))
+    waits = [tier.gate.retry_in()]
+    for _ in range(3):
+        now[0] += waits[-1]
+        assert tier.gate.allow()  # the probe after the back-off
+        tier.gate.failed(OSError("still gone"))
+        waits.append(tier.gate.retry_in())
+    assert waits == [1, 2, 3, 3]
+    tier.close()

@@ -30,11 +30,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from symram_vllm.control import ControlServer
 from symram_vllm.keys import BlockKey
-from symram_vllm.policy import PolicyConfig
 from symram_vllm.serving.gateway import GatewayConfig, create_app
 from symram_vllm.serving.gateway.keys import tier_keys
 from symram_vllm.tiers.disk import DiskTier, DiskTierConfig
 from symram_vllm.tiers.page_format import HEADER_BYTES
+from symram_vllm.tiers.policy import PolicyConfig
 from symram_vllm.tiers.stack import TierStack
 
 PAGE = 4096

@@ -111,6 +111,19 @@ def test_cli_and_gateway_import_neither_torch_nor_vllm():
     assert out.stdout.strip() == "clean"
 
 
+def test_import_layers_hold():
+    # pyproject.toml [tool.importlinter]: what `make lint` and scripts/test.sh run, here
+    # too so that `make test-fast` catches a wrong-way import.
+    pytest.importorskip("importlinter")
+    out = subprocess.run(
+        [sys.executable, "-c", "from importlinter.cli import lint_imports_command; "
+         "lint_imports_command()", "--no-cache"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "0 broken" in out.stdout
+
+
 def test_symram_help_does_not_import_torch():
     code = ("import sys, runpy\n"
             "sys.argv = ['symram', '--help']\n"

@@ -6,7 +6,9 @@ import torch
 from test_disk_tier import GatedIO
 
 from symram_vllm.keys import BlockKey
-from symram_vllm.policy import (
+from symram_vllm.tiers.disk import DiskTier, DiskTierConfig
+from symram_vllm.tiers.page_format import HEADER_BYTES
+from symram_vllm.tiers.policy import (
     BlockLedger,
     EvictionPolicy,
     PlacementPolicy,
@@ -14,9 +16,7 @@ from symram_vllm.policy import (
     RecomputeCost,
     TierCost,
 )
-from symram_vllm.snapshot import ManifestError
-from symram_vllm.tiers.disk import DiskTier, DiskTierConfig
-from symram_vllm.tiers.page_format import HEADER_BYTES
+from symram_vllm.tiers.snapshot import ManifestError
 from symram_vllm.tiers.stack import TierStack
 
 PAGE = 4096
@@ -318,4 +318,45 @@ def test_snapshot_and_restore(tmp_path):
     stack, _, _ = build(tmp_path, dram_pages=2, disk_pages=8)
     with pytest.raises(ManifestError, match="entry 1"):
         stack.restore(snap)
+    stack.close()
+
+
+def test_one_victim_window_for_both_tiers(tmp_path):
+    # policy.victim_window is the only eviction sample size: the stack hands it to the
+    # DRAM arena and to the disk tier (disk.victim_window was its duplicate).
+    stack, _, _ = build(tmp_path, dram_pages=2, disk_pages=4, victim_window=3)
+    assert stack.disk is not None and stack.disk.victim_window == 3
+    assert stack.dram._victim_window == 3
+    stack.close()
+
+
+def test_eviction_weights_change_the_order():
+    # policy.eviction: half_life_s, salience_exponent and cost_exponent each reorder.
+    clock = Clock()
+    ledger = BlockLedger()
+    ledger.touch(key(1), clock.now - 120, position=8)  # expensive, one default half-life old
+    ledger.touch(key(2), clock.now, position=0)  # cheap and fresh
+    ledger.touch(key(3), clock.now, position=0)
+    for _ in range(7):
+        ledger.hit(key(3), clock.now)  # cheap but hit 7 times
+    keys = [key(1), key(2), key(3)]
+
+    def order(**eviction):
+        config = PolicyConfig(recompute=STEEP, eviction=eviction)
+        return EvictionPolicy(config, ledger, clock).order(keys)
+
+    assert order() == [key(2), key(1), key(3)]
+    assert order(half_life_s=1.0)[0] == key(1)  # age dominates: the old page goes first
+    assert order(cost_exponent=0.0, salience_exponent=0.0)[0] == key(1)  # recency alone
+    assert order(salience_exponent=0.0)[-1] == key(1)  # hits no longer protect key 3
+    assert order(salience_exponent=0.0)[:2] == [key(2), key(3)]
+
+
+def test_promote_on_hit_off_serves_disk_hits_from_disk(tmp_path):
+    stack, _, _ = build(tmp_path, dram_pages=2, disk_pages=8, promote_on_hit=False)
+    put_all(stack, {1: 0, 2: 0, 3: 0})
+    assert stack.where(key(1)) == "disk"
+    assert torch.equal(stack.get(key(1)), page(1))
+    assert stack.where(key(1)) == "disk"  # not copied up
+    assert stack.stats()["stack_promotions"] == 0
     stack.close()

@@ -145,6 +145,19 @@ def test_settings_reject_missing_tls_files(tmp_path):
         RedisSettings(tls_cert_file=tmp_path / "c.pem")
 
 
+def test_settings_pass_the_client_certificate_and_hostname_check_to_the_link(tmp_path):
+    cert, key = tmp_path / "client.pem", tmp_path / "client.key"
+    cert.write_text("cert")
+    key.write_text("key")
+    with pytest.raises(ValueError, match="go together"):
+        RedisSettings(tls_key_file=key)
+    link = RedisSettings(tls_cert_file=cert, tls_key_file=key,
+                         tls_check_hostname=False).link_options()
+    assert (link.tls_cert_file, link.tls_key_file) == (str(cert), str(key))
+    assert link.tls_check_hostname is False
+    assert RedisSettings().link_options().tls_check_hostname is True
+
+
 def test_settings_check_ttls_and_build_every_option_object():
     with pytest.raises(ValueError, match="fleet_answer_ttl_s"):
         RedisSettings(lease_ttl_s=1, fleet_answer_ttl_s=2)

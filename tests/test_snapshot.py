@@ -3,7 +3,7 @@ import json
 import pytest
 
 from symram_vllm.keys import BlockKey
-from symram_vllm.snapshot import (
+from symram_vllm.tiers.snapshot import (
     ManifestEntry,
     ManifestError,
     _digest,

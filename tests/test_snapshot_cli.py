@@ -10,11 +10,11 @@ import torch
 
 from symram_vllm.cli import main
 from symram_vllm.keys import BlockKey
-from symram_vllm.snapshot import ManifestEntry, ManifestError, read_manifest, write_manifest
 from symram_vllm.snapshot_cli import SNAPSHOT_FORMAT
 from symram_vllm.tiers.crypto import PageCipher
 from symram_vllm.tiers.disk import DiskTier
 from symram_vllm.tiers.disk_layout import MANIFEST_NAME, rank_directory, relative_page_path
+from symram_vllm.tiers.snapshot import ManifestEntry, ManifestError, read_manifest, write_manifest
 
 
 def fill(disk_path, namespace: bytes, rank: int, n: int) -> dict[BlockKey, torch.Tensor]:

@@ -87,8 +87,8 @@ def test_full_store_rejects_a_save_without_error():
 
 
 def test_disk_backed_store_spills_writes_back_and_survives_restart(tmp_path):
-    from symram_vllm.policy import PolicyConfig
     from symram_vllm.tiers.disk import DiskTier
+    from symram_vllm.tiers.policy import PolicyConfig
 
     policy = PolicyConfig(background_writeback_s=0)  # driven by hand below
     pages = {key(i): torch.full((4096,), i, dtype=torch.uint8) for i in range(1, 7)}

@@ -43,7 +43,6 @@ import torch
 from symram_vllm.codecs.base import CorruptPageError
 from symram_vllm.codecs.zstd import ZstdCodec
 from symram_vllm.keys import BlockKey
-from symram_vllm.snapshot import ManifestError, read_manifest, snapshot_secret, write_manifest
 from symram_vllm.tiers.aligned_io import (
     AlignedBuffer,
     FileIO,
@@ -86,6 +85,7 @@ from symram_vllm.tiers.page_format import (
     verify_payload,
     zstd_codec_name,
 )
+from symram_vllm.tiers.snapshot import ManifestError, read_manifest, snapshot_secret, write_manifest
 from symram_vllm.tiers.staging import StagingPool
 from symram_vllm.tiers.write_gate import WriteGate
 
@@ -124,6 +124,7 @@ class DiskTier(Tier):
         clock: Callable[[], float] = time.monotonic,
         on_evict: DiskEvictCallback | None = None,
         victim_chooser: VictimChooser | None = None,
+        victim_window: int = 16,
         file_io: FileIO | None = None,
         cipher: PageCipher | None = None,
     ) -> None:
@@ -137,6 +138,9 @@ class DiskTier(Tier):
         # Called outside the tier's lock when a page leaves by eviction or quarantine.
         self.on_evict = on_evict
         self.victim_chooser = victim_chooser
+        # LRU candidates the chooser sees; the tier stack sets it, with the chooser, from
+        # policy.victim_window (one sample size for DRAM and disk eviction).
+        self.victim_window = max(1, victim_window)
         # Seals pages written and opens pages read; None = plaintext pages.
         self.cipher = cipher
         self._clock = clock
@@ -601,7 +605,7 @@ class DiskTier(Tier):
         eligible = (k for k in self._index if not self._pin_active(k))
         if self.victim_chooser is None:
             return next(eligible, None)
-        window = list(itertools.islice(eligible, self.config.victim_window))
+        window = list(itertools.islice(eligible, self.victim_window))
         return self.victim_chooser(window) if window else None
 
     def _notify_evicted(self, victims: list[BlockKey]) -> None:

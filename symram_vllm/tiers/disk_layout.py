@@ -24,7 +24,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 from symram_vllm.keys import BlockKey
-from symram_vllm.snapshot import ManifestEntry
 from symram_vllm.tiers.aligned_io import AlignedBuffer, FileIO
 from symram_vllm.tiers.crypto import PageCipher
 from symram_vllm.tiers.page_format import (
@@ -35,6 +34,7 @@ from symram_vllm.tiers.page_format import (
     unpack_header,
     verify,
 )
+from symram_vllm.tiers.snapshot import ManifestEntry
 
 logger = logging.getLogger(__name__)
 

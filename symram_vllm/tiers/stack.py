@@ -38,11 +38,11 @@ from typing import Protocol
 import torch
 
 from symram_vllm.keys import BlockKey
-from symram_vllm.policy import BlockLedger, EvictionPolicy, PlacementPolicy, PolicyConfig
-from symram_vllm.snapshot import ManifestEntry, read_manifest, snapshot_secret, write_manifest
 from symram_vllm.tiers.disk import DiskTier
 from symram_vllm.tiers.disk_layout import relative_page_path
 from symram_vllm.tiers.dram import DramTier, DramTierFull
+from symram_vllm.tiers.policy import BlockLedger, EvictionPolicy, PlacementPolicy, PolicyConfig
+from symram_vllm.tiers.snapshot import ManifestEntry, read_manifest, snapshot_secret, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ class TierStack:
         if disk is not None:
             disk.on_evict = self._on_disk_evict
             disk.victim_chooser = self.eviction.choose_victim
+            disk.victim_window = max(1, self.config.victim_window)
         self._lock = threading.Lock()
         self._reserved: dict[BlockKey, torch.Tensor] = {}
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
