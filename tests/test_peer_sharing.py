@@ -22,8 +22,8 @@ from symram_vllm.connectors.scheduler import SchedulerSide
 from symram_vllm.connectors.symram_connector import shared_tier_names
 from symram_vllm.connectors.worker import WorkerSide
 from symram_vllm.directory import EmbeddedDirectory, make_directory
-from symram_vllm.directory.redis_keys import RedisKeys, namespace_for
 from symram_vllm.keys import BlockKey
+from symram_vllm.redis_keys import RedisKeys, namespace_for
 from symram_vllm.tiers.disk_layout import rank_slot_directories, slot_directory, store_id
 from tests.meta_helpers import worker_meta
 

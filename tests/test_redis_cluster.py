@@ -15,8 +15,8 @@ from redis_fixtures import key, keys, redis_cluster, wait_until  # noqa: F401 - 
 from symram_vllm.directory import make_directory, namespace_for
 from symram_vllm.directory.async_directory import AsyncDirectory, AsyncDirectoryOptions
 from symram_vllm.directory.redis_directory import RedisDirectory, RedisDirectoryOptions
-from symram_vllm.directory.redis_keys import RedisKeys
 from symram_vllm.keys import BlockKey
+from symram_vllm.redis_keys import RedisKeys
 from symram_vllm.redis_link import LinkOptions, RedisLink
 from symram_vllm.tiers.redis_tier import RedisPageTier, RedisPageTierOptions
 

@@ -21,7 +21,7 @@ from symram_vllm.directory import (
     namespace_for,
 )
 from symram_vllm.directory.redis_directory import RedisDirectory, RedisDirectoryOptions
-from symram_vllm.directory.redis_keys import RedisKeys
+from symram_vllm.redis_keys import RedisKeys
 from symram_vllm.redis_link import LinkOptions
 
 pytestmark = pytest.mark.timeout(120)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from symram_vllm.directory.base import DedupeStats, Directory
 from symram_vllm.directory.embedded import EmbeddedDirectory
-from symram_vllm.directory.redis_keys import namespace_for
+from symram_vllm.redis_keys import namespace_for
 
 if TYPE_CHECKING:
     from symram_vllm.directory.async_directory import AsyncDirectory

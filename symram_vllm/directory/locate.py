@@ -17,8 +17,8 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from symram_vllm.directory.redis_keys import RedisKeys, check_name, normalize_namespace
 from symram_vllm.directory.redis_scripts import _PRELUDE
+from symram_vllm.redis_keys import RedisKeys, check_name, normalize_namespace
 
 # KEYS: block records in prefix order. ARGV: instance ids. Returns, per instance,
 # dram, disk, any (flattened). Stops at the first block no instance holds.

@@ -27,7 +27,7 @@ import redis
 from symram_vllm.directory import redis_scripts as lua
 from symram_vllm.directory.base import DedupeStats, Directory
 from symram_vllm.directory.batch import BatchResult, DirectoryBatch
-from symram_vllm.directory.redis_keys import RedisKeys, check_name, normalize_namespace
+from symram_vllm.redis_keys import RedisKeys, check_name, normalize_namespace
 from symram_vllm.redis_link import LinkOptions, RedisLink
 
 DEFAULT_SHARED_TIERS = frozenset({"redis"})

@@ -1,6 +1,6 @@
 """Lua scripts of the Redis page tier: a fleet-wide byte budget with LRU eviction.
 
-Per namespace (all in the namespace's hash slot, see ``directory/redis_keys.py``):
+Per namespace (all in the namespace's hash slot, see ``redis_keys.py``):
 ``page:<member>`` holds one page value, the ``lru`` sorted set scores each member
 (``<chain-hex>.r<rank>``) by last use in server milliseconds, ``pagesz`` records the
 bytes each member was charged, and ``used`` is their sum. Scripts keep the four

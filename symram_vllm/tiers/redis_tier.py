@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 
 import redis
 
-from symram_vllm.directory.redis_keys import RedisKeys, normalize_namespace
 from symram_vllm.keys import KEY_BYTES, BlockKey
+from symram_vllm.redis_keys import RedisKeys, normalize_namespace
 from symram_vllm.redis_link import LinkOptions, RedisLink
 from symram_vllm.tiers import redis_page_scripts as lua
 from symram_vllm.tiers.base import TierStats
