@@ -111,12 +111,14 @@ def test_warm_restart_hits_from_disk(first_run, tiny_model, artifacts_dir):
     assert hits >= 95, f"only {hits}/100 previously seen prefixes hit after restart"
     assert metrics["symram:disk_hits_total"] > 0
     # What symram adds to a start is rebuilding the disk index; the engine's own start
-    # time swings by tens of seconds on a shared 2-core host, so the +2 s budget is
-    # checked on symram's part (from its log line) and the wall clock only loosely.
+    # time swings by tens of seconds on a shared 2-core host (24.9 s then 44.1 s seen
+    # with other engines running), so the +2 s budget is checked on symram's part (from
+    # its log line) and the wall clock only against a pathological restart (e.g. one
+    # that read every page).
     log = (artifacts_dir / "disk_run2.log").read_text()
     index_s = [float(m) for m in re.findall(r"pages indexed .*? in ([0-9.]+)s", log)]
     assert index_s and max(index_s) <= 2.0, index_s
-    assert restart_s <= 1.5 * first_start_s + 2.0
+    assert restart_s <= 3 * first_start_s + 10.0
 
 
 def test_damaged_pages_are_misses_never_wrong_tokens(first_run, tiny_model, artifacts_dir):
