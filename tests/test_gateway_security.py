@@ -230,3 +230,19 @@ def test_tokenized_prompt_drives_the_token_charge():
         key_id = gw.auth._by_digest[_digest(KEY_A)].key_id
         level = gw.limiter._buckets[(key_id, "tokens")].level
     assert level == pytest.approx(1000 - 201, abs=2)
+
+
+def test_anthropic_clients_key_in_x_api_key_is_accepted():
+    """The official anthropic client sends its key as `x-api-key`, not a Bearer token."""
+    import anthropic
+
+    with engines("a") as (a,), running_gateway(gateway_config([a], **keyed())) as (url, _):
+        ok = call(url, None, headers={"x-api-key": KEY_A})
+        wrong = call(url, None, headers={"x-api-key": "sk-not-a-key-9999"})
+        with pytest.raises(anthropic.AuthenticationError):
+            anthropic.Anthropic(base_url=url, api_key="sk-not-a-key-9999",
+                                max_retries=0).messages.create(
+                model="demo", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    assert ok.status_code == 200
+    assert_error(wrong, 401, "invalid_api_key", "Incorrect API key")
+    assert len(a.received) == 1  # only the keyed request reached the engine

@@ -129,9 +129,13 @@ class Authenticator:
             return Principal(f"ip-{client or 'unknown'}", None, None,
                              self._limits.requests_per_minute, self._limits.tokens_per_minute)
         header = headers.get("authorization")
+        if not header and headers.get("x-api-key"):
+            # The Anthropic SDK (and /v1/messages clients generally) send the key here.
+            header = f"Bearer {headers['x-api-key']}"
         if not header:
             raise GatewayError(
-                401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.",
+                401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY' "
+                "(or 'x-api-key: KEY').",
                 code="missing_api_key", reason="auth_missing",
                 headers={"WWW-Authenticate": "Bearer"})
         scheme, _, token = header.partition(" ")
