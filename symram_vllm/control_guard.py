@@ -100,6 +100,12 @@ class WorkBudget:
         self.level = min(self.burst_s, self.level + (now - self._stamp) * self.share - spent)
         self._stamp = now
 
+    def pause_s(self) -> float:
+        """Seconds to wait before the next admission (0: admitted now), for a caller
+        that waits by itself (the worker's control link sleeps in ``select``)."""
+        self._update()
+        return 0.0 if self.level >= 0 else -self.level / self.share
+
     def charge(self, seconds: float) -> None:
         self._update()
         self.level -= max(seconds, 0.0)

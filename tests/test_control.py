@@ -37,7 +37,10 @@ def page(i: int) -> torch.Tensor:
 def stack(tmp_path):
     disk = DiskTier(tmp_path / "disk", 64 * (HEADER_BYTES + PAGE), config=DiskTierConfig())
     # Deep-prefix recompute costs so every evicted page is worth writing back to disk.
-    policy = PolicyConfig(recompute={"block_tokens": 16, "seconds_per_token": 1e-3})
+    # No background write-back: which tier holds a page must not depend on how long the
+    # control process takes to start.
+    policy = PolicyConfig(recompute={"block_tokens": 16, "seconds_per_token": 1e-3},
+                          background_writeback_s=0)
     st = TierStack(PAGE, 4 * PAGE, disk, config=policy, pin_memory=False)
     yield st
     st.close()
