@@ -38,7 +38,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from symram_vllm.keys import KEY_BYTES, BlockKey
@@ -85,17 +85,24 @@ def pack_keys(chains: list[bytes]) -> bytes:
     return b"".join(chains)
 
 
-def unpack_keys(payload: bytes | memoryview, rank: int) -> list[BlockKey]:
+def iter_keys(payload: bytes | memoryview, rank: int) -> Iterator[BlockKey]:
+    """The payload's keys, made one at a time (a ``BlockKey`` costs a few microseconds:
+    a lookup that stops at its first miss makes no more than it reads)."""
     view = memoryview(payload)
     if len(view) % KEY_BYTES:
         raise ValueError("key payload is not a whole number of chain keys")
-    return [BlockKey(bytes(view[i:i + KEY_BYTES]), rank)
-            for i in range(0, len(view), KEY_BYTES)]
+    for i in range(0, len(view), KEY_BYTES):
+        yield BlockKey(bytes(view[i:i + KEY_BYTES]), rank)
+
+
+def unpack_keys(payload: bytes | memoryview, rank: int) -> list[BlockKey]:
+    return list(iter_keys(payload, rank))
 
 
 # -- the answers (worker side; plain functions of the stack) -----------------------------
-def lookup(stack: Any, keys: list[BlockKey]) -> tuple[int, int, int]:
-    """(DRAM prefix, disk prefix, held-anywhere prefix) of `keys`, in blocks."""
+def lookup(stack: Any, keys: Iterable[BlockKey]) -> tuple[int, int, int]:
+    """(DRAM prefix, disk prefix, held-anywhere prefix) of `keys`, in blocks; reads
+    `keys` up to the first one held nowhere."""
     disk_tier = getattr(stack, "disk", None)
     dram = disk = held = 0
     dram_open = disk_open = True
@@ -133,6 +140,7 @@ class LinkServer:
         self.lost = threading.Event()
         self.budget: Any = None  # made on the link thread (it reads that thread's clock)
         self.answered = 0
+        self.cpu_s = 0.0  # this thread's CPU time, as of its last request
         self._send_lock = threading.Lock()
         self._pending: dict[int, tuple[threading.Event, list[Any]]] = {}
         self._next_id = 1
@@ -228,6 +236,10 @@ class LinkServer:
             if not (self._closing or self.stopping):
                 logger.error("symram rank %d: the control endpoint process is gone; the "
                              "engine serves on without a control endpoint", self.rank)
+                # If it was this thread that failed, the child would wait on us forever:
+                # end of stream tells it to exit.
+                with contextlib.suppress(OSError):
+                    self.sock.shutdown(socket.SHUT_RDWR)
             self.lost.set()
             for event, box in list(self._pending.values()):
                 box.append((ERROR, b'"the control child is gone"'))
@@ -271,13 +283,16 @@ class LinkServer:
         from symram_vllm import bypass
 
         if op == LOOKUP:
-            return LOOKUP_REPLY.pack(*lookup(self.stack, unpack_keys(payload, self.rank)))
+            return LOOKUP_REPLY.pack(*lookup(self.stack, iter_keys(payload, self.rank)))
         if op == PREFETCH:
             (wait_s,) = WAIT.unpack_from(payload)
             self._prefetch(rid, unpack_keys(payload[WAIT.size:], self.rank), wait_s)
             return None  # answered when the promotion finishes or the wait runs out
         if op == STATS:
-            return json.dumps(self.stack.stats()).encode()
+            # With the control plane's own cost in the worker (the load tests read it).
+            self.cpu_s = time.thread_time()
+            return json.dumps({**self.stack.stats(), "control_link_cpu_s": self.cpu_s,
+                               "control_link_answered": self.answered}).encode()
         if op == PIN:
             (ttl_s,) = WAIT.unpack_from(payload)
             keys = unpack_keys(payload[WAIT.size:], self.rank)

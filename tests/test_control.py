@@ -72,6 +72,30 @@ def test_info_and_stats(server):
     stats = api.get(f"{url}/symram/stats").json()
     assert stats["dram_bytes_capacity"] == 4 * PAGE
     assert "disk_pages" in stats
+    # The control plane's own cost in the worker: its one thread's CPU time.
+    assert 0 < stats["control_link_cpu_s"] < 5 and stats["control_link_answered"] >= 0
+
+
+def test_an_engine_error_is_a_clear_503(stack):
+    class Broken:
+        def where(self, key):
+            raise RuntimeError("tier lock poisoned")
+
+        def stats(self):
+            return stack.stats()
+
+        def prefetch(self, keys):
+            raise AssertionError
+
+    srv = ControlServer(Broken(), token=TOKEN, rank=0, info=INFO)
+    url = srv.start(port=0)
+    try:
+        got = api.post(f"{url}/symram/lookup", json={"keys": hexes(range(2))})
+        assert got.status_code == 503
+        assert "tier lock poisoned" in got.json()["error"]["message"]
+        assert api.get(f"{url}/symram/stats").status_code == 200  # it serves on
+    finally:
+        srv.stop()
 
 
 def test_lookup_reports_prefix_per_tier(server):
