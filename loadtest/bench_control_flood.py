@@ -44,7 +44,7 @@ CLIENTS = 8
 GEN_TOKENS = 64
 DESIGN = (
     "HTTP side of the control plane (uvicorn, ControlGuard, JSON parsing, pydantic "
-    "validation) in a child process of the worker at nice +19 (symram_vllm/control_child.py); "
+    "validation) in a child process of the worker at nice +10 (symram_vllm/control_child.py); "
     "the worker keeps one thread (symram_vllm/control_link.py LinkServer) answering raw "
     "32-byte keys over a unix socketpair with TierStack.where/prefetch/pin and the bypass "
     "switch, its key work held to control_cpu_share of wall time, the bypass and stats "

@@ -67,8 +67,11 @@ MAX_KEYS = 1024
 MAX_WAIT_S = 10.0
 INFO_FIELDS = ("instance_id", "signature_digest", "block_size", "tp_size", "codec", "model")
 # The control child's CPU priority: the engine's threads come first when both want a
-# core (19: about 1.5 % of a core's share against a nice-0 thread).
-CHILD_NICE = 19
+# core (10: a weight of about a tenth of a nice-0 thread's). Its CPU use is bounded by
+# the guard's budget anyway; this orders who runs first. +19 (1.5 %) starved it on a
+# busy host: the gateway's lookups (150 ms budget) timed out and routing fell back to
+# least-loaded.
+CHILD_NICE = 10
 START_TIMEOUT_S = 30.0  # a cold Python importing FastAPI on a loaded 2-core host
 
 

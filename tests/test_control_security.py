@@ -26,7 +26,7 @@ import torch
 from symram_vllm import control_link as wire
 from symram_vllm.config import SymramConfig
 from symram_vllm.connectors.worker_tiers import start_control_server
-from symram_vllm.control import MAX_KEYS, ControlServer
+from symram_vllm.control import CHILD_NICE, MAX_KEYS, ControlServer
 from symram_vllm.control_guard import ClientBuckets, ControlLimits, WorkBudget
 from symram_vllm.keys import BlockKey
 from symram_vllm.tiers.stack import TierStack
@@ -311,15 +311,16 @@ def test_the_kill_switch_answers_while_a_flood_has_spent_the_budget(stack):
 
 
 def test_the_http_side_runs_in_a_low_priority_child(stack):
-    """uvicorn, the guard and JSON parsing run in another process at nice +19; the
+    """uvicorn, the guard and JSON parsing run in another process at lower priority; the
     worker process keeps one control thread (the link), and no event loop of ours."""
     server = serve(stack)
     try:
         pid = server.child_pid
         assert pid is not None and pid != os.getpid()
         assert server.guard_stats()["pid"] == pid
+        assert CHILD_NICE > 0
         ours = os.getpriority(os.PRIO_PROCESS, 0)
-        assert os.getpriority(os.PRIO_PROCESS, pid) == min(ours + 19, 19)
+        assert os.getpriority(os.PRIO_PROCESS, pid) == min(ours + CHILD_NICE, 19)
         names = [t.name for t in threading.enumerate()]
         assert names.count("symram-control-r0") == 1  # the link thread
         assert not any("uvicorn" in n or "asyncio" in n for n in names)
