@@ -20,18 +20,34 @@ It knows the ``TierStack`` and nothing of vLLM. Endpoints (JSON):
 * ``GET  /health``           ``{"ok": true}`` (the only path open without the token)
 
 Every other path needs the shared control token, and all of them sit behind
-``control_guard.ControlGuard`` (body size, per-client rate, CPU budget). Handlers are
-``async``: they run on the server's one event-loop thread, whose CPU time the guard
-budgets, instead of on a pool of threads competing with the worker for the GIL.
+``control_guard.ControlGuard`` (body size, per-client rate, CPU budget).
+
+**Where it runs.** Not in the worker. ``ControlServer.start`` binds the port in the
+worker, then hands the socket to a child process (``control_child``) started at low
+CPU priority (``nice``): uvicorn, the guard, JSON parsing and validation all run
+there, so a flood of requests holds no GIL of the worker's and, while the engine is
+busy, gets little of its CPU. The child asks the worker only what the worker alone
+knows, over a local socket with raw 32-byte keys (``control_link``): a small budgeted
+thread in the worker answers with dict lookups, prefetch queueing, pin/unpin, and the
+bypass switch (never queued behind key work). A child that dies takes the endpoint
+down, not the engine; an engine that stops or dies takes its child with it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
+import json
 import logging
+import os
 import socket
-import threading
+import subprocess
+import sys
 import time
+import weakref
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
@@ -39,7 +55,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from symram_vllm.control_guard import ControlGuard, ControlLimits
+from symram_vllm import control_link as wire
+from symram_vllm.control_guard import ControlLimits, check_token
 from symram_vllm.keys import KEY_BYTES, BlockKey
 
 logger = logging.getLogger(__name__)
@@ -49,6 +66,13 @@ logger = logging.getLogger(__name__)
 MAX_KEYS = 1024
 MAX_WAIT_S = 10.0
 INFO_FIELDS = ("instance_id", "signature_digest", "block_size", "tp_size", "codec", "model")
+# The control child's CPU priority: the engine's threads come first when both want a
+# core (10: a weight of about a tenth of a nice-0 thread's). Its CPU use is bounded by
+# the guard's budget anyway; this orders who runs first. +19 (1.5 %) starved it on a
+# busy host: the gateway's lookups (150 ms budget) timed out and routing fell back to
+# least-loaded.
+CHILD_NICE = 10
+START_TIMEOUT_S = 30.0  # a cold Python importing FastAPI on a loaded 2-core host
 
 
 class StackLike(Protocol):
@@ -59,6 +83,24 @@ class StackLike(Protocol):
     def prefetch(self, keys: Any) -> Any: ...
 
     def stats(self) -> dict[str, float]: ...
+
+
+class EngineLike(Protocol):
+    """What the app asks of the engine (``RemoteEngine``: over the control link)."""
+
+    async def lookup(self, chains: list[bytes]) -> dict[str, int]: ...
+
+    async def prefetch(self, chains: list[bytes], wait_s: float) -> dict[str, Any]: ...
+
+    async def stats(self) -> dict[str, float]: ...
+
+    async def pin(self, chains: list[bytes], ttl_s: float) -> dict[str, Any]: ...
+
+    async def unpin(self, chains: list[bytes]) -> dict[str, Any]: ...
+
+    async def bypass_state(self) -> dict[str, Any]: ...
+
+    async def set_bypass(self, active: bool, by: str, reason: str) -> dict[str, Any]: ...
 
 
 def _check_keys(keys: list[str]) -> list[str]:
@@ -95,7 +137,23 @@ def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
     )
 
 
-def build_control_app(stack: StackLike, rank: int, info: dict[str, Any]) -> FastAPI:
+class EngineError(RuntimeError):
+    """The worker could not answer (its handler raised, or the link is gone)."""
+
+
+async def _ask(request: Request, call: Any) -> Any:
+    """Await the engine; the time spent waiting holds no CPU or GIL of this process,
+    so it is not charged to the guard's time budget (the worker budgets its own)."""
+    t0 = time.perf_counter()
+    try:
+        return await call
+    finally:
+        state = request.state
+        state.symram_waited_s = getattr(state, "symram_waited_s", 0.0) + (
+            time.perf_counter() - t0)
+
+
+def build_control_app(engine: EngineLike, rank: int, info: dict[str, Any]) -> FastAPI:
     app = FastAPI(title="symram control", docs_url=None, redoc_url=None, openapi_url=None)
     identity = {**info, "rank": rank}
 
@@ -107,16 +165,9 @@ def build_control_app(stack: StackLike, rank: int, info: dict[str, Any]) -> Fast
             problems.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
         return _error(422, "; ".join(problems), param="keys")
 
-    def keys_of(body: LookupBody) -> list[BlockKey]:
-        return [BlockKey(bytes.fromhex(k), rank) for k in body.keys]
-
-    def dram_run(keys: list[BlockKey]) -> int:
-        n = 0
-        for key in keys:
-            if stack.where(key) != "dram":
-                break
-            n += 1
-        return n
+    @app.exception_handler(EngineError)
+    async def _engine(_: Request, exc: EngineError) -> JSONResponse:
+        return _error(503, f"The engine did not answer: {exc}")
 
     @app.get("/health")
     async def health() -> dict[str, bool]:
@@ -127,135 +178,20 @@ def build_control_app(stack: StackLike, rank: int, info: dict[str, Any]) -> Fast
         return identity
 
     @app.post("/symram/lookup")
-    async def lookup(body: LookupBody) -> dict[str, int]:
-        keys = keys_of(body)
-        disk_tier = getattr(stack, "disk", None)
-        dram = disk = held = 0
-        dram_open = disk_open = True
-        for key in keys:
-            tier = stack.where(key)
-            if tier is None:
-                break
-            held += 1
-            if dram_open and tier == "dram":
-                dram += 1
-            else:
-                dram_open = False
-            # The stack is inclusive: a DRAM page may have its disk copy too.
-            on_disk = tier == "disk" or (disk_tier is not None and disk_tier.exists(key))
-            if disk_open and on_disk:
-                disk += 1
-            else:
-                disk_open = False
-        return {"dram": dram, "disk": disk, "any": held}
+    async def lookup(body: LookupBody, request: Request) -> dict[str, int]:
+        return await _ask(request, engine.lookup([bytes.fromhex(k) for k in body.keys]))
 
     @app.post("/symram/prefetch")
     async def prefetch(body: PrefetchBody, request: Request) -> dict[str, Any]:
-        keys = keys_of(body)
-        tiers = [stack.where(k) for k in keys]
-        before = tiers.count("dram")
-        # Only pages on disk go to the prefetch pool: keys held nowhere cost nothing
-        # there (its threads are outside the guard's CPU budget).
-        on_disk = [k for k, tier in zip(keys, tiers, strict=True) if tier == "disk"]
-        started = time.monotonic()
-        done = True
-        resident = before
-        if on_disk:
-            waiting = asyncio.wrap_future(stack.prefetch(on_disk))
-            # asyncio.wait, not wait_for: a timeout must not cancel the promotion.
-            t0 = time.perf_counter()
-            finished, _ = await asyncio.wait({waiting}, timeout=body.wait_s)
-            # Waiting holds no GIL: not charged to the guard's time budget.
-            waited = getattr(request.state, "symram_waited_s", 0.0)
-            request.state.symram_waited_s = waited + time.perf_counter() - t0
-            done = bool(finished)
-            # Unfinished, it keeps running; the load that follows finds what it finished.
-            resident = (before + int(waiting.result()) if done
-                        else sum(stack.where(k) == "dram" for k in keys))
-        return {
-            "requested": len(keys),
-            "dram_resident": resident,
-            "promoted": max(resident - before, 0),
-            "done": done,
-            "seconds": round(time.monotonic() - started, 6),
-        }
+        return await _ask(request, engine.prefetch([bytes.fromhex(k) for k in body.keys],
+                                                   body.wait_s))
 
     @app.get("/symram/stats")
-    async def stats() -> dict[str, float]:
-        return stack.stats()
+    async def stats(request: Request) -> dict[str, float]:
+        return await _ask(request, engine.stats())
 
-    add_operator_routes(app, stack, keys_of)
+    add_operator_routes(app, engine)
     return app
-
-
-class ControlServer:
-    """Runs the control app, behind its guard, under uvicorn in a daemon thread.
-
-    `token` is required (ValueError naming the setting otherwise)."""
-
-    def __init__(self, stack: StackLike, *, token: str | None, rank: int = 0,
-                 info: dict[str, Any] | None = None, limits: ControlLimits | None = None):
-        info = dict(info or {})
-        missing = [name for name in INFO_FIELDS if name not in info]
-        if missing:
-            logger.warning("symram control: info lacks %s", ", ".join(missing))
-        self.rank = rank
-        self.app = build_control_app(stack, rank, info)
-        self.guard = ControlGuard(self.app, token or "", limits)
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
-        self.url: str | None = None
-
-    def start(self, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 10.0) -> str:
-        """Listen on host:port (0 = any free port); returns the base URL once accepting.
-
-        Raises ``OSError`` naming the address when the port is taken."""
-        import uvicorn
-
-        if self._thread is not None:
-            raise RuntimeError("control server already started")
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            sock.close()
-            raise OSError(
-                exc.errno, f"symram control endpoint cannot listen on {host}:{port}: "
-                f"{exc.strerror or exc} (is another engine or rank using this port?)"
-            ) from exc
-        sock.listen(64)
-        sock.setblocking(False)
-        bound_port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.guard, loop="asyncio", http="h11", lifespan="off", log_level="warning",
-            access_log=False, limit_concurrency=128, timeout_keep_alive=5,
-        )
-        server = uvicorn.Server(config)
-        # uvicorn installs signal handlers only on the main thread: the engine's stay.
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.run, kwargs={"sockets": [sock]}, name=f"symram-control-r{self.rank}",
-            daemon=True,
-        )
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                sock.close()
-                raise RuntimeError(f"symram control endpoint on {host}:{port} did not start")
-            time.sleep(0.01)
-        shown = f"[{host}]" if ":" in host else host
-        self.url = f"http://{shown}:{bound_port}"
-        return self.url
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        if self._server is None or self._thread is None:
-            return
-        self._server.should_exit = True
-        self._thread.join(timeout_s)
-        self._server = None
-        self._thread = None
 
 
 # -- operator routes (`symram pin` / `symram bypass`) ------------------------------------
@@ -274,32 +210,235 @@ class BypassBody(BaseModel):
     by: str = Field(default="", max_length=200, description="Who asked (for the audit log).")
 
 
-def add_operator_routes(app: FastAPI, stack: Any, keys_of: Any) -> None:
+def add_operator_routes(app: FastAPI, engine: EngineLike) -> None:
     """Pin/unpin a prefix for a TTL, and the bypass kill switch."""
-    from symram_vllm import bypass
 
     @app.post("/symram/pin")
-    async def pin(body: PinBody) -> dict[str, Any]:
-        keys = keys_of(body)
-        pinned = sum(bool(stack.pin(key, body.ttl_s)) for key in keys)
-        logger.info("symram control: pinned %d of %d blocks for %.0f s", pinned, len(keys),
-                    body.ttl_s)
-        return {"requested": len(keys), "pinned": pinned, "ttl_s": body.ttl_s}
+    async def pin(body: PinBody, request: Request) -> dict[str, Any]:
+        got = await _ask(request, engine.pin([bytes.fromhex(k) for k in body.keys],
+                                             body.ttl_s))
+        return {**got, "ttl_s": body.ttl_s}
 
     @app.post("/symram/unpin")
-    async def unpin(body: LookupBody) -> dict[str, Any]:
-        keys = keys_of(body)
-        for key in keys:
-            stack.unpin(key)
-        return {"requested": len(keys)}
+    async def unpin(body: LookupBody, request: Request) -> dict[str, Any]:
+        return await _ask(request, engine.unpin([bytes.fromhex(k) for k in body.keys]))
 
     @app.get("/symram/bypass")
-    async def bypass_state() -> dict[str, Any]:
-        state = bypass.switch().state()
-        return {"active": state is not None, **(state or {})}
+    async def bypass_state(request: Request) -> dict[str, Any]:
+        return await _ask(request, engine.bypass_state())
 
     @app.post("/symram/bypass")
     async def set_bypass(body: BypassBody, request: Request) -> dict[str, Any]:
         client = request.client.host if request.client else "unknown"
         who = f"{body.by} from {client}" if body.by else client
-        return bypass.switch().set(body.active, by=who, reason=body.reason)
+        return await _ask(request, engine.set_bypass(body.active, who, body.reason))
+
+
+class RemoteEngine:
+    """``EngineLike`` over the control link (the child's end, on its event loop)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self._pending: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
+        self._next_id = 1
+
+    async def call(self, op: int, payload: bytes = b"") -> bytes:
+        rid = self._next_id
+        self._next_id += 1
+        future: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        try:
+            self.writer.write(wire.frame(op, rid, payload))
+            op_back, body = await future
+        finally:
+            self._pending.pop(rid, None)
+        if op_back & wire.ERROR:
+            raise EngineError(json.loads(body) if body else "failed")
+        return body
+
+    async def serve(self, on_request: Any) -> None:
+        """Read frames until the worker's end closes: replies complete ``call``s, the
+        worker's own requests go to ``on_request(op, rid, payload)``."""
+        buffer = bytearray()
+        try:
+            while True:
+                chunk = await self.reader.read(1 << 20)
+                if not chunk:
+                    return
+                buffer += chunk
+                for op, rid, payload in wire.split_frames(buffer):
+                    if op & (wire.REPLY | wire.ERROR):
+                        future = self._pending.get(rid)
+                        if future is not None and not future.done():
+                            future.set_result((op, payload))
+                    else:
+                        await on_request(op, rid, payload)
+        finally:
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_result((wire.ERROR, b'"the engine\'s control link closed"'))
+
+    def reply(self, op: int, rid: int, body: Any) -> None:
+        self.writer.write(wire.frame(op | wire.REPLY, rid, json.dumps(body).encode()))
+
+    async def lookup(self, chains: list[bytes]) -> dict[str, int]:
+        dram, disk, held = wire.LOOKUP_REPLY.unpack(
+            await self.call(wire.LOOKUP, wire.pack_keys(chains)))
+        return {"dram": dram, "disk": disk, "any": held}
+
+    async def prefetch(self, chains: list[bytes], wait_s: float) -> dict[str, Any]:
+        body = await self.call(wire.PREFETCH, wire.WAIT.pack(wait_s) + wire.pack_keys(chains))
+        return json.loads(body)
+
+    async def stats(self) -> dict[str, float]:
+        return json.loads(await self.call(wire.STATS))
+
+    async def pin(self, chains: list[bytes], ttl_s: float) -> dict[str, Any]:
+        return json.loads(await self.call(wire.PIN, wire.WAIT.pack(ttl_s)
+                                          + wire.pack_keys(chains)))
+
+    async def unpin(self, chains: list[bytes]) -> dict[str, Any]:
+        return json.loads(await self.call(wire.UNPIN, wire.pack_keys(chains)))
+
+    async def bypass_state(self) -> dict[str, Any]:
+        return json.loads(await self.call(wire.BYPASS_GET))
+
+    async def set_bypass(self, active: bool, by: str, reason: str) -> dict[str, Any]:
+        ask = {"active": active, "by": by, "reason": reason}
+        return json.loads(await self.call(wire.BYPASS_SET, json.dumps(ask).encode()))
+
+
+class ControlServer:
+    """The control endpoint of one rank: the port bound here, the HTTP side in a child
+    process, the answers from a ``control_link.LinkServer`` thread here.
+
+    `token` is required (ValueError naming the setting otherwise)."""
+
+    def __init__(self, stack: StackLike, *, token: str | None, rank: int = 0,
+                 info: dict[str, Any] | None = None, limits: ControlLimits | None = None,
+                 nice: int = CHILD_NICE):
+        info = dict(info or {})
+        missing = [name for name in INFO_FIELDS if name not in info]
+        if missing:
+            logger.warning("symram control: info lacks %s", ", ".join(missing))
+        self.stack = stack
+        self.rank = rank
+        self.info = info
+        self.token = check_token(token)
+        self.limits = limits or ControlLimits()
+        self.nice = nice
+        self.process: subprocess.Popen[bytes] | None = None
+        self.link: wire.LinkServer | None = None
+        self.url: str | None = None
+
+    @property
+    def child_pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    @property
+    def alive(self) -> bool:
+        """The child serves and the link to it is up."""
+        return (self.process is not None and self.process.poll() is None
+                and self.link is not None and not self.link.lost.is_set())
+
+    def start(self, host: str = "127.0.0.1", port: int = 0,
+              timeout_s: float = START_TIMEOUT_S) -> str:
+        """Listen on host:port (0 = any free port); returns the base URL once accepting.
+
+        Raises ``OSError`` naming the address when the port is taken, RuntimeError when
+        the child does not come up."""
+        if self.process is not None:
+            raise RuntimeError("control server already started")
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(
+                exc.errno, f"symram control endpoint cannot listen on {host}:{port}: "
+                f"{exc.strerror or exc} (is another engine or rank using this port?)"
+            ) from exc
+        sock.listen(64)
+        bound_port = sock.getsockname()[1]
+        ours, theirs = socket.socketpair()
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "symram_vllm.control_child",
+                 "--listen-fd", str(sock.fileno()), "--link-fd", str(theirs.fileno()),
+                 "--parent-pid", str(os.getpid()), "--nice", str(self.nice),
+                 "--rank", str(self.rank)],
+                pass_fds=(sock.fileno(), theirs.fileno()), stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        finally:
+            sock.close()  # the child holds the listening socket now
+            theirs.close()
+        self.link = wire.LinkServer(ours, self.stack, self.rank,
+                                    cpu_share=self.limits.cpu_share,
+                                    cpu_burst_s=self.limits.cpu_burst_s,
+                                    name=f"symram-control-r{self.rank}")
+        self.link.start()
+        _LIVE.add(self)
+        config = {"token": self.token, "limits": asdict(self.limits), "rank": self.rank,
+                  "info": self.info}
+        self.link.send(wire.CONFIG, 0, json.dumps(config).encode())
+        deadline = time.monotonic() + timeout_s
+        while not self.link.ready.wait(0.05):
+            if (self.process.poll() is not None or self.link.lost.is_set()
+                    or time.monotonic() > deadline):
+                code = self.process.poll()
+                self.stop()
+                raise RuntimeError(
+                    f"symram control endpoint on {host}:{port} did not start (control "
+                    f"process {'exited ' + str(code) if code is not None else 'timed out'})")
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{bound_port}"
+        return self.url
+
+    def guard_stats(self, timeout_s: float = 5.0) -> dict[str, Any]:
+        """The child's guard counters: ``refused`` by reason, the time ``budget``
+        (``charged_s``, ``throttled_s``, ``waiting``), the serving thread's ``tid`` and
+        the child's ``pid``."""
+        if self.link is None:
+            raise RuntimeError("control server not started")
+        return self.link.request(wire.GUARD_STATS, timeout_s=timeout_s)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the child (asked, then terminated, then killed) and the link thread."""
+        process, link = self.process, self.link
+        if process is None:
+            return
+        if link is not None:
+            link.stopping = True
+        if link is not None and process.poll() is None:
+            with contextlib.suppress(OSError, RuntimeError, TimeoutError):
+                link.request(wire.STOP, timeout_s=min(timeout_s, 2.0))
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            try:
+                process.wait(2.0)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if link is not None:
+            link.close()
+        self.process = None
+        self.link = None
+        _LIVE.discard(self)
+
+
+_LIVE: weakref.WeakSet[ControlServer] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:  # no control process outlives its engine
+    for server in list(_LIVE):
+        with contextlib.suppress(Exception):  # exiting anyway
+            server.stop(timeout_s=2.0)

@@ -1,10 +1,10 @@
 """What stands between the network and the engine's control endpoint.
 
-The control endpoint runs inside the vLLM worker process, so every CPU cycle it spends
-holding the GIL is a cycle the model runner waits for. The audit showed a flood of
-large lookups from 8 clients slowing 64-token generation from 0.14 s to over 1 s. The
-guard is a pure ASGI wrapper, in front of every route, that keeps the control plane
-off the worker's hot path:
+The audit showed a flood of large lookups from 8 clients slowing 64-token generation
+from 0.14 s to over 1 s when the endpoint ran inside the vLLM worker process. It now
+runs in a low-priority child process of the worker (``symram_vllm.control``), and the
+guard, a pure ASGI wrapper in front of every route there, bounds what a flood can make
+that process, and through it the worker's one control thread, do:
 
 * **A shared token.** Every path but ``/health`` needs ``Authorization: Bearer TOKEN``
   (compared in constant time). Without it the endpoint is a prefix-membership oracle.
@@ -13,14 +13,16 @@ off the worker's hot path:
 * **A per-client rate limit** (token bucket per peer address).
 * **A time budget** for requests with a body (lookups, prefetches; GETs are cheap and
   only rate-limited, and so is the bypass kill switch, which must answer during a
-  flood). The serving thread may spend at most ``cpu_share`` of wall time:
+  flood). The serving thread may spend at most ``cpu_share`` of wall time (the
+  worker's control thread has a budget of its own, ``control_link``):
   all its CPU time is charged (``time.thread_time()``: parsing, refusals, handlers),
   and a handler's wall time beyond its CPU time on top. On a loaded host a thread that
   holds the GIL is often preempted, and the worker waits for the GIL all that while,
   so CPU time alone undercounts the harm (measured: a CPU-only budget let a flood slow
   generation 1.7x). Over budget, admitted requests wait, asleep and holding no GIL,
-  until it refills. Time a handler spends awaiting (a prefetch's ``wait_s``) is not
-  charged: the handler adds it to ``scope["state"]["symram_waited_s"]``.
+  until it refills. Time a handler spends awaiting (the worker's answer, a prefetch's
+  ``wait_s``) is not charged: the handler adds it to
+  ``scope["state"]["symram_waited_s"]``.
 * **Slow refusals.** 401, 429 and 503 answers are held back ``reject_delay_s``, so a
   client that retries at once spends its time waiting, not making the worker parse.
 """
@@ -99,6 +101,12 @@ class WorkBudget:
             self.charged_s += spent
         self.level = min(self.burst_s, self.level + (now - self._stamp) * self.share - spent)
         self._stamp = now
+
+    def pause_s(self) -> float:
+        """Seconds to wait before the next admission (0: admitted now), for a caller
+        that waits by itself (the worker's control link sleeps in ``select``)."""
+        self._update()
+        return 0.0 if self.level >= 0 else -self.level / self.share
 
     def charge(self, seconds: float) -> None:
         self._update()

@@ -37,7 +37,10 @@ def page(i: int) -> torch.Tensor:
 def stack(tmp_path):
     disk = DiskTier(tmp_path / "disk", 64 * (HEADER_BYTES + PAGE), config=DiskTierConfig())
     # Deep-prefix recompute costs so every evicted page is worth writing back to disk.
-    policy = PolicyConfig(recompute={"block_tokens": 16, "seconds_per_token": 1e-3})
+    # No background write-back: which tier holds a page must not depend on how long the
+    # control process takes to start.
+    policy = PolicyConfig(recompute={"block_tokens": 16, "seconds_per_token": 1e-3},
+                          background_writeback_s=0)
     st = TierStack(PAGE, 4 * PAGE, disk, config=policy, pin_memory=False)
     yield st
     st.close()
@@ -69,6 +72,30 @@ def test_info_and_stats(server):
     stats = api.get(f"{url}/symram/stats").json()
     assert stats["dram_bytes_capacity"] == 4 * PAGE
     assert "disk_pages" in stats
+    # The control plane's own cost in the worker: its one thread's CPU time.
+    assert 0 < stats["control_link_cpu_s"] < 5 and stats["control_link_answered"] >= 0
+
+
+def test_an_engine_error_is_a_clear_503(stack):
+    class Broken:
+        def where(self, key):
+            raise RuntimeError("tier lock poisoned")
+
+        def stats(self):
+            return stack.stats()
+
+        def prefetch(self, keys):
+            raise AssertionError
+
+    srv = ControlServer(Broken(), token=TOKEN, rank=0, info=INFO)
+    url = srv.start(port=0)
+    try:
+        got = api.post(f"{url}/symram/lookup", json={"keys": hexes(range(2))})
+        assert got.status_code == 503
+        assert "tier lock poisoned" in got.json()["error"]["message"]
+        assert api.get(f"{url}/symram/stats").status_code == 200  # it serves on
+    finally:
+        srv.stop()
 
 
 def test_lookup_reports_prefix_per_tier(server):

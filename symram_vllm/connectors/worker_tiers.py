@@ -4,8 +4,9 @@ slots, the Redis page tier), the control endpoint, and the mapping of tier stats
 symram's metric names.
 
 Failures here never stop the engine: a disk tier that cannot open leaves DRAM
-serving (with an error in the log saying why), a control port that is taken leaves
-the engine without a control endpoint.
+serving (with an error in the log saying why), a control port that is taken (or a
+control process that does not start, or dies later) leaves the engine without a
+control endpoint.
 """
 
 from __future__ import annotations
@@ -166,7 +167,9 @@ def start_control_server(
     config: SymramConfig, store: TieredStore, rank: int, info: dict[str, object]
 ) -> Any:
     """The gateway's lookup/prefetch endpoint on control_port + rank, or None. It needs
-    the shared control token; without one it stays off (the engine serves on)."""
+    the shared control token; without one it stays off (the engine serves on). Its HTTP
+    side runs in a low-priority child process; this process keeps one small thread
+    answering it (``symram_vllm.control``)."""
     if not config.control_port:
         return None
     port = config.control_port + rank
@@ -186,6 +189,7 @@ def start_control_server(
             rank, config.control_host, port, exc,
         )
         return None
-    logger.info("symram rank %d: control endpoint on http://%s:%d (token required)",
-                rank, config.control_host, port)
+    logger.info("symram rank %d: control endpoint on http://%s:%d (token required; "
+                "served by process %s at nice +%d)", rank, config.control_host, port,
+                server.child_pid, server.nice)
     return server
