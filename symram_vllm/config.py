@@ -251,8 +251,9 @@ class SymramConfig(BaseSettings):
     )
     control_cpu_share: float = Field(
         default=0.05, gt=0, le=1,
-        description="Share of wall time the control endpoint's handlers may run in the "
-        "worker process (over it, requests wait).",
+        description="Share of wall time the control endpoint may spend on requests with "
+        "keys, in its HTTP process and in the worker's control thread each (over it, "
+        "requests wait).",
     )
     directory_url: str | None = Field(
         default=None,
