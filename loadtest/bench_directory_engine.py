@@ -300,9 +300,11 @@ def main() -> None:
             if rep % 2:
                 order.reverse()
             for name, engine in order:
+                # Both arms wait for a quiet Redis before and after a run: the same
+                # idle time around every run (the embedded arm's counts are the idle
+                # Redis engine's and are not used).
                 run = decode_run(engine, args.concurrency, max_tokens=args.max_tokens,
-                                    redis_client=raw if engine is remote else None,
-                                    seed=1000 * rep + (engine is remote))
+                                 redis_client=raw, seed=1000 * rep + (engine is remote))
                 arms[name].append(run)
                 print(f"rep {rep} {name:12s} TPOT {run.tpot_s * 1e3:7.2f} ms  steps "
                       f"{run.steps:.0f}  saved {run.saved_blocks:.0f}", flush=True)
