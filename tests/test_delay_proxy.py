@@ -89,8 +89,9 @@ def test_a_round_trip_gains_two_one_way_delays(echo_server):
             recv_exactly(sock, 5000)
             pipelined = time.perf_counter() - started
     added = proxied - direct
-    assert 2 * delay <= added < 2 * delay + 0.008, f"added {added * 1e3:.2f} ms"
-    assert pipelined < 10 * delay
+    # Timers fire late on a loaded host, never early: a loose upper bound.
+    assert 2 * delay <= added < 2 * delay + 0.02, f"added {added * 1e3:.2f} ms"
+    assert pipelined < 25 * delay  # one message at a time would take 100 x delay
 
 
 def test_negative_delay_is_refused():

