@@ -47,6 +47,13 @@ bench-codecs: setup
 bench-directory: setup
 	@$(PY) -m loadtest.bench_directory
 
+# TPOT at 64 concurrent decoding requests, embedded directory vs Redis behind a 2 ms
+# round-trip proxy, and Redis commands per engine step at 8 vs 64 (two tiny engines,
+# ~10 min); results in loadtest/results/directory_engine.json.
+.PHONY: bench-directory-engine
+bench-directory-engine: setup
+	@nice -n 5 $(PY) -m loadtest.bench_directory_engine $(BENCH_ARGS)
+
 # AES-256-GCM GB/s per core vs the disk tier's GB/s, and disk-hit TTFT with encryption on
 # vs off (two mid engines, ~15 min); results in loadtest/results/encryption.json.
 .PHONY: bench-encryption

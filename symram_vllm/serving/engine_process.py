@@ -42,6 +42,7 @@ class EngineServer:
         dram_bytes: str = "256MiB",
         extra_vllm_args: list[str] | None = None,
         env: dict[str, str] | None = None,
+        tensor_parallel_size: int = 1,
     ) -> None:
         self.model = model
         self.port = free_port()
@@ -58,6 +59,8 @@ class EngineServer:
             "--kv-cache-memory-bytes", str(kv_cache_bytes),
             "--enforce-eager", "--served-model-name", "demo", "--seed", "0",
             "--enable-prompt-tokens-details",
+            *(["--tensor-parallel-size", str(tensor_parallel_size)]
+              if tensor_parallel_size > 1 else []),
             *(extra_vllm_args or []),
         ]
         self.args = args
