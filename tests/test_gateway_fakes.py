@@ -238,6 +238,10 @@ class FakeEngine:
                         yield f"data: {json.dumps(first)}\n\n"
                     for i, piece in enumerate(pieces):
                         if self.break_after_chunks is not None and i >= self.break_after_chunks:
+                            # Let the chunks already yielded leave first: uvicorn drops
+                            # what is still buffered when a stream raises, and on a busy
+                            # host that was all of it (the client then saw no chunk).
+                            await asyncio.sleep(0.2)
                             raise RuntimeError("fake engine crashed mid-stream")
                         await asyncio.sleep(self.chunk_delay)
                         if kind == "chat":

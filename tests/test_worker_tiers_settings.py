@@ -55,6 +55,8 @@ def test_control_endpoint_gets_the_configured_limits(monkeypatch):
     started: dict[str, object] = {}
 
     class FakeServer:
+        child_pid, nice = 4242, 10  # what the real one reports once its child runs
+
         def __init__(self, stack, *, token, rank, info, limits):
             started.update(token=token, rank=rank, limits=limits)
 
