@@ -61,6 +61,20 @@ def test_worker_gauges_are_summed_over_ranks_not_last_rank_wins(prom, registry):
     assert sample(registry, 'symram:saved_blocks_total{engine="0"}') == 4.0
 
 
+def test_redis_tier_available_is_the_minimum_over_ranks(prom, registry):
+    # One rank still reconnecting fails every Redis load of the engine: report 0.
+    up, down = SymramConnectorStats(), SymramConnectorStats()
+    up.set_gauge("redis_tier_available", 1.0, source="rank0")
+    down.set_gauge("redis_tier_available", 0.0, source="rank1")
+    prom.observe(up.aggregate(down).data)
+    assert sample(registry, 'symram:redis_tier_available{engine="0"}') == 0.0
+    both = SymramConnectorStats()
+    both.set_gauge("redis_tier_available", 1.0, source="rank0")
+    both.set_gauge("redis_tier_available", 1.0, source="rank1")
+    prom.observe(both.data)
+    assert sample(registry, 'symram:redis_tier_available{engine="0"}') == 1.0
+
+
 def test_a_later_value_of_the_same_rank_replaces_the_earlier(prom, registry):
     # vLLM's log line accumulates stats over steps with aggregate(): no double counting.
     older = rank_stats("rank0", 100.0).aggregate(rank_stats("rank1", 50.0))

@@ -20,6 +20,7 @@ from symram_vllm.directory.redis_directory import RedisDirectory, RedisDirectory
 from symram_vllm.keys import BlockKey
 from symram_vllm.redis_link import LinkOptions
 from symram_vllm.tiers.crypto import PageCipher
+from symram_vllm.tiers.peer_redis import RedisPages
 from symram_vllm.tiers.redis_tier import (
     HEADER_BYTES,
     RedisPageTier,
@@ -343,7 +344,9 @@ def test_repair_drops_page_keys_of_the_wrong_type(open_tiers, redis_server) -> N
 # -- outages ---------------------------------------------------------------------------------------
 def test_killed_redis_is_a_fast_miss_and_recovers(open_tiers, redis_server) -> None:
     tier = open_tiers()
+    pages = RedisPages(tier)  # what the worker reports (symram:redis_tier_available)
     tier.set(bkey(1), page(1))
+    assert pages.stats()["available"] == 1.0
     redis_server.kill()
     slowest = 0.0
     for i in range(100):
@@ -356,10 +359,13 @@ def test_killed_redis_is_a_fast_miss_and_recovers(open_tiers, redis_server) -> N
         slowest = max(slowest, time.monotonic() - start)
     assert slowest < 1.0, f"a call took {slowest:.3f} s with Redis down"
     assert s.extra["available"] == 0.0 and s.rejected_puts == 100 and s.bytes_used == 0
+    assert pages.stats()["available"] == 0.0
     redis_server.restart()
     assert wait_until(lambda: tier.stats().extra["available"] == 1.0)
+    assert pages.stats()["available"] == 1.0
     assert tier.set(bkey(2), page(2)) and tier.get(bkey(2)) == page(2)
     assert tier.stats().extra["reconnects"] == 1
+    pages.close()  # closes the tier too; the fixture's second close is harmless
 
 
 def test_constructor_rejects_bad_arguments(redis_server) -> None:

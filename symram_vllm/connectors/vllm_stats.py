@@ -87,11 +87,15 @@ GAUGES: dict[str, str] = {
     "dedupe_physical_blocks": "Distinct blocks stored",
     "dedupe_ratio": "Logical over physical bytes",
     "directory_available": "1 while the block directory (Redis) is reachable",
+    "redis_tier_available": "1 while every worker reaches the Redis page tier (0 while one "
+                            "waits to reconnect: its Redis loads fail and are recomputed)",
     "bypass_active": "1 while `symram bypass on` stops symram's loads and saves",
 }
 # Exported as the maximum over sources, not the sum: flags, ratios, per-rank views.
 MAX_GAUGES = frozenset({"disk_writes_disabled", "directory_available", "bypass_active",
                         "dedupe_ratio", "peer_disk_slots"})
+# Exported as the minimum: "every rank can" (one rank's dead link fails the whole load).
+MIN_GAUGES = frozenset({"redis_tier_available"})
 HISTOGRAMS: dict[str, tuple[str, str]] = {
     "get": ("page_get_duration_seconds",
             "Latency of getting a load job's pages from the tiers (promotion included)"),
@@ -121,7 +125,9 @@ def gauge_value(name: str, per_source: Any) -> float:
     values = [float(v) for v in per_source.values()]
     if not values:
         return 0.0
-    return max(values) if exported(name) in MAX_GAUGES else sum(values)
+    if exported(name) in MAX_GAUGES:
+        return max(values)
+    return min(values) if exported(name) in MIN_GAUGES else sum(values)
 
 
 @dataclass

@@ -58,6 +58,7 @@ GAUGES: dict[str, str] = {
     "get_p50_seconds": "get_p50_s",
     "get_p95_seconds": "get_p95_s",
     "peer_disk_slots": "peer_disk_peers",
+    "redis_tier_available": "redis_available",
 }
 
 

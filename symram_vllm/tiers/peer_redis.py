@@ -128,6 +128,7 @@ class RedisPages:
         with self._lock:
             out = {k: float(v) for k, v in self.counters.items()}
         out["queue_depth"] = float(self._queue.qsize())
+        out["available"] = float(self.tier.link.available)
         out.update(self.tier.counters())  # rejected values, bookkeeping repairs
         return out
 

@@ -124,9 +124,13 @@ def test_master_killed_mid_load_then_hits_resume(engines, redis_cluster):  # noq
                  and len(redis_cluster.masters()) == 3, "the replica to take over", 60)
 
         def reconnected() -> bool:
+            # Both links of both engines: the directory (scheduler) and the page tier
+            # (worker) back off separately, and a load the directory promises while the
+            # worker's link still waits to reconnect is recomputed, not loaded.
             for engine in (c1, c2):
                 complete(engine, rng_prompts(1, seed=int(time.monotonic() * 1e6), blocks=1)[0])
-            return all(metric(e, "directory_available") == 1 for e in (c1, c2))
+            return all(metric(e, name) == 1 for e in (c1, c2)
+                       for name in ("directory_available", "redis_tier_available"))
 
         wait_for(reconnected, "both engines back on the cluster", 90)
         fresh = rng_prompts(4, seed=13)
