@@ -39,7 +39,7 @@ lint: setup
 	@$(VENV)/bin/lint-imports --no-cache
 
 bench-ttft: setup
-	@$(PY) -m loadtest.bench_ttft --arch $(or $(ARCH),llama)
+	@$(PY) -m loadtest.bench_ttft --arch $(or $(ARCH),llama) --tier $(or $(TIER),dram)
 
 bench-codecs: setup
 	@$(PY) -m loadtest.bench_codecs
