@@ -73,13 +73,13 @@ def open_disk_tier(config: SymramConfig, namespace: bytes, rank: int) -> DiskTie
     (slot 0 unless another engine shares the disk_path and got there first)."""
     if config.disk_path is None:
         return None
-    disk_config = config.disk.model_copy(update={"codec": config.codec})
     cipher = _cipher(config, namespace)  # raises (refuses to start) on bad key settings
     slots = MAX_SLOTS if config.disk_share else 1
     for slot in range(slots):
         root = slot_directory(config.disk_path, namespace, rank, slot)
         try:
-            tier = DiskTier(root, config.disk_bytes, config=disk_config, cipher=cipher)
+            tier = DiskTier(root, config.disk_bytes, config=config.disk, codec=config.codec,
+                            cipher=cipher)
         except DiskTierLocked as exc:
             if slot + 1 < slots:
                 continue
