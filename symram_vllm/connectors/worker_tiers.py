@@ -5,8 +5,8 @@ symram's metric names.
 
 Failures here never stop the engine: a disk tier that cannot open leaves DRAM
 serving (with an error in the log saying why), a control port that is taken (or a
-control process that does not start, or dies later) leaves the engine without a
-control endpoint.
+control process that does not start) leaves the engine without a control endpoint; a
+control process that dies later is started again (``control_restart``).
 """
 
 from __future__ import annotations
