@@ -475,7 +475,7 @@ class ControlServer:
                     return
                 try:
                     self._launch(host, port, START_TIMEOUT_S)
-                except (OSError, RuntimeError) as exc:
+                except Exception as exc:  # a failed start, whatever broke, is bounded too
                     if self._stopping.is_set():
                         return
                     why = f"restart failed ({exc})"
@@ -486,7 +486,7 @@ class ControlServer:
                                "(process %s; restart %d)", self.rank, host, port,
                                self.child_pid, self.restarts)
                 break
-            else:
+            else:  # no break: the backoff ran out of failures
                 self.gave_up = (f"{why}; {backoff.failures} failures in a row, each within "
                                 f"{policy.stable_after_s:.0f} s of starting")
                 logger.error(
