@@ -83,8 +83,8 @@ DIRECTORY_SCHEMES = ("redis", "rediss", "unix", "redis+cluster")
 REMOVED_SETTINGS = {
     "disk.victim_window": "set policy.victim_window (SYMRAM_POLICY__VICTIM_WINDOW), the one "
     "eviction sample size of the DRAM and the disk tier",
-    # Internal: the engine copies `codec` into the disk tier's config, and used to
-    # overwrite a configured disk.codec silently.
+    # The engine used to overwrite a configured disk.codec silently with `codec`; the
+    # tier now takes the codec as a constructor argument (DiskTier(codec=...)).
     "disk.codec": "set codec (SYMRAM_CODEC); the engine replaced disk.codec with it",
 }
 
@@ -338,23 +338,13 @@ class ConfigError(ValueError):
 
 # --- the environment's SYMRAM_* names ---------------------------------------------------
 def _fields(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
-    """Every setting path of `model`, sections and their fields alike (internal fields,
-    which are no settings, left out)."""
+    """Every setting path of `model`, sections and their fields alike."""
     for name, field in model.model_fields.items():
-        if is_internal(field):
-            continue
         path = (*prefix, name)
         yield path
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             yield from _fields(annotation, path)
-
-
-def is_internal(field: FieldInfo) -> bool:
-    """A field that is no setting (``json_schema_extra={"internal": True}``): the engine
-    fills it; the docs leave it out, and its section refuses it as input."""
-    extra = field.json_schema_extra
-    return isinstance(extra, dict) and bool(extra.get("internal"))
 
 
 def settings(model: type[BaseModel] | None = None) -> Iterator[tuple[str, ...]]:

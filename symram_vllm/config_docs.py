@@ -21,7 +21,6 @@ from symram_vllm.config import (
     SymramConfig,
     env_name,
     human_bytes,
-    is_internal,
 )
 
 HEADER = """\
@@ -93,8 +92,6 @@ def _section(model: type[BaseModel], path: tuple[str, ...], out: list[str]) -> N
             "| --- | --- | --- | --- | --- |"]
     nested = []
     for name, field in model.model_fields.items():
-        if is_internal(field):
-            continue
         key = ".".join((*path, name))
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):

@@ -30,7 +30,9 @@ busy, gets little of its CPU. The child asks the worker only what the worker alo
 knows, over a local socket with raw 32-byte keys (``control_link``): a small budgeted
 thread in the worker answers with dict lookups, prefetch queueing, pin/unpin, and the
 bypass switch (never queued behind key work). A child that dies takes the endpoint
-down, not the engine; an engine that stops or dies takes its child with it.
+down, not the engine, and the worker starts another on the same port, with backoff,
+until it gives up on a child that keeps dying (``control_restart``); an engine that
+stops or dies takes its child with it.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from dataclasses import asdict
@@ -57,6 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from symram_vllm import control_link as wire
 from symram_vllm.control_guard import ControlLimits, check_token
+from symram_vllm.control_restart import RestartBackoff, RestartPolicy, describe_exit
 from symram_vllm.keys import KEY_BYTES, BlockKey
 
 logger = logging.getLogger(__name__)
@@ -73,6 +77,7 @@ INFO_FIELDS = ("instance_id", "signature_digest", "block_size", "tp_size", "code
 # least-loaded.
 CHILD_NICE = 10
 START_TIMEOUT_S = 30.0  # a cold Python importing FastAPI on a loaded 2-core host
+DEFAULT_RESTART = RestartPolicy()
 
 
 class StackLike(Protocol):
@@ -312,11 +317,16 @@ class ControlServer:
     """The control endpoint of one rank: the port bound here, the HTTP side in a child
     process, the answers from a ``control_link.LinkServer`` thread here.
 
+    A child that dies is started again on the same port under `restart`
+    (``control_restart``; None: never) by a supervisor thread that sleeps until the
+    link reports the loss; ``restarts`` counts the children started again (a metric),
+    ``gave_up`` says why restarts stopped, once they have.
+
     `token` is required (ValueError naming the setting otherwise)."""
 
     def __init__(self, stack: StackLike, *, token: str | None, rank: int = 0,
                  info: dict[str, Any] | None = None, limits: ControlLimits | None = None,
-                 nice: int = CHILD_NICE):
+                 nice: int = CHILD_NICE, restart: RestartPolicy | None = DEFAULT_RESTART):
         info = dict(info or {})
         missing = [name for name in INFO_FIELDS if name not in info]
         if missing:
@@ -327,19 +337,32 @@ class ControlServer:
         self.token = check_token(token)
         self.limits = limits or ControlLimits()
         self.nice = nice
+        self.restart = restart
+        # The child's program; its fds and identity are appended as options.
+        self.child_command = [sys.executable, "-m", "symram_vllm.control_child"]
         self.process: subprocess.Popen[bytes] | None = None
         self.link: wire.LinkServer | None = None
         self.url: str | None = None
+        self.restarts = 0
+        self.gave_up: str | None = None
+        self._address: tuple[str, int] = ("127.0.0.1", 0)  # as bound: what a restart reuses
+        self._ready_at = 0.0
+        self._lock = threading.Lock()  # the supervisor's swaps vs. stop()
+        self._wake = threading.Event()  # the link lost, or stop() asked
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
     @property
     def child_pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
+        process = self.process
+        return process.pid if process is not None else None
 
     @property
     def alive(self) -> bool:
         """The child serves and the link to it is up."""
-        return (self.process is not None and self.process.poll() is None
-                and self.link is not None and not self.link.lost.is_set())
+        process, link = self.process, self.link
+        return (process is not None and process.poll() is None
+                and link is not None and not link.lost.is_set())
 
     def start(self, host: str = "127.0.0.1", port: int = 0,
               timeout_s: float = START_TIMEOUT_S) -> str:
@@ -349,6 +372,26 @@ class ControlServer:
         the child does not come up."""
         if self.process is not None:
             raise RuntimeError("control server already started")
+        self._stopping.clear()
+        _LIVE.add(self)
+        try:
+            bound_port = self._launch(host, port, timeout_s)
+        except BaseException:
+            _LIVE.discard(self)
+            raise
+        self._address = (host, bound_port)
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{bound_port}"
+        if self.restart is not None:
+            self._supervisor = threading.Thread(
+                target=self._supervise, args=(self.restart,), daemon=True,
+                name=f"symram-control-watch-r{self.rank}")
+            self._supervisor.start()
+        return self.url
+
+    def _launch(self, host: str, port: int, timeout_s: float) -> int:
+        """Bind host:port, start a child on it and wait until it accepts; the bound port.
+        On failure nothing is left running (OSError: the port; RuntimeError: the child)."""
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -367,55 +410,121 @@ class ControlServer:
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (package_root, env.get("PYTHONPATH", "")) if p)
         try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "symram_vllm.control_child",
+            process = subprocess.Popen(
+                [*self.child_command,
                  "--listen-fd", str(sock.fileno()), "--link-fd", str(theirs.fileno()),
                  "--parent-pid", str(os.getpid()), "--nice", str(self.nice),
                  "--rank", str(self.rank)],
                 pass_fds=(sock.fileno(), theirs.fileno()), stdin=subprocess.DEVNULL,
                 env=env,
             )
+        except OSError:
+            ours.close()
+            raise
         finally:
             sock.close()  # the child holds the listening socket now
             theirs.close()
-        self.link = wire.LinkServer(ours, self.stack, self.rank,
-                                    cpu_share=self.limits.cpu_share,
-                                    cpu_burst_s=self.limits.cpu_burst_s,
-                                    name=f"symram-control-r{self.rank}")
-        self.link.start()
-        _LIVE.add(self)
+        link = wire.LinkServer(ours, self.stack, self.rank,
+                               cpu_share=self.limits.cpu_share,
+                               cpu_burst_s=self.limits.cpu_burst_s,
+                               name=f"symram-control-r{self.rank}", on_lost=self._wake.set)
+        with self._lock:
+            self.process, self.link = process, link
+        link.start()
         config = {"token": self.token, "limits": asdict(self.limits), "rank": self.rank,
                   "info": self.info}
-        self.link.send(wire.CONFIG, 0, json.dumps(config).encode())
+        link.send(wire.CONFIG, 0, json.dumps(config).encode())
         deadline = time.monotonic() + timeout_s
-        while not self.link.ready.wait(0.05):
-            if (self.process.poll() is not None or self.link.lost.is_set()
+        while not link.ready.wait(0.05):
+            if (process.poll() is not None or link.lost.is_set() or self._stopping.is_set()
                     or time.monotonic() > deadline):
-                code = self.process.poll()
-                self.stop()
-                raise RuntimeError(
-                    f"symram control endpoint on {host}:{port} did not start (control "
-                    f"process {'exited ' + str(code) if code is not None else 'timed out'})")
-        shown = f"[{host}]" if ":" in host else host
-        self.url = f"http://{shown}:{bound_port}"
-        return self.url
+                code = process.poll()
+                self._teardown()
+                why = ("stopping" if self._stopping.is_set() else
+                       "timed out" if code is None else describe_exit(code))
+                raise RuntimeError(f"symram control endpoint on {host}:{port} did not "
+                                   f"start (control process {why})")
+        self._ready_at = time.monotonic()
+        return bound_port
+
+    def _supervise(self, policy: RestartPolicy) -> None:
+        """Sleeps until the link is lost; then restarts the child under `policy`."""
+        backoff = RestartBackoff(policy)
+        host, port = self._address
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopping.is_set():
+                return
+            process, link = self.process, self.link
+            if process is None or link is None or not link.lost.is_set():
+                continue  # a late wake from a link already replaced
+            served_s = time.monotonic() - self._ready_at
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(2.0)  # its link closes as it exits: collect the status
+            why = f"process {process.pid} {describe_exit(process.poll())} after " \
+                  f"{served_s:.1f} s"
+            self._teardown()
+            delay = backoff.after_failure(served_s)
+            while delay is not None:
+                logger.warning(
+                    "symram rank %d: control endpoint %s; restarting it on %s:%d in %.1f s "
+                    "(failure %d in a row; gives up at %d)", self.rank, why, host, port,
+                    delay, backoff.failures, policy.max_fast_failures)
+                if self._stopping.wait(delay):
+                    return
+                try:
+                    self._launch(host, port, START_TIMEOUT_S)
+                except Exception as exc:  # a failed start, whatever broke, is bounded too
+                    if self._stopping.is_set():
+                        return
+                    why = f"restart failed ({exc})"
+                    delay = backoff.after_failure(None)
+                    continue
+                self.restarts += 1
+                logger.warning("symram rank %d: control endpoint restarted on %s:%d "
+                               "(process %s; restart %d)", self.rank, host, port,
+                               self.child_pid, self.restarts)
+                break
+            else:  # no break: the backoff ran out of failures
+                self.gave_up = (f"{why}; {backoff.failures} failures in a row, each within "
+                                f"{policy.stable_after_s:.0f} s of starting")
+                logger.error(
+                    "symram rank %d: control endpoint on %s:%d given up: %s. The engine "
+                    "serves on without it (no bypass switch, stats, or gateway lookups and "
+                    "prefetches) until it restarts", self.rank, host, port, self.gave_up)
+                return
 
     def guard_stats(self, timeout_s: float = 5.0) -> dict[str, Any]:
         """The child's guard counters: ``refused`` by reason, the time ``budget``
         (``charged_s``, ``throttled_s``, ``waiting``), the serving thread's ``tid`` and
         the child's ``pid``."""
-        if self.link is None:
+        link = self.link
+        if link is None:
             raise RuntimeError("control server not started")
-        return self.link.request(wire.GUARD_STATS, timeout_s=timeout_s)
+        return link.request(wire.GUARD_STATS, timeout_s=timeout_s)
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop the child (asked, then terminated, then killed) and the link thread."""
-        process, link = self.process, self.link
+        """Stop restarting, then stop the child (asked, then terminated, then killed) and
+        the link thread."""
+        self._stopping.set()
+        self._wake.set()
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None and supervisor is not threading.current_thread():
+            # At most one start in progress, which sees _stopping within 50 ms.
+            supervisor.join(timeout_s + 10.0)
+        self._teardown(timeout_s)
+        _LIVE.discard(self)
+
+    def _teardown(self, timeout_s: float = 5.0) -> None:
+        with self._lock:
+            process, link = self.process, self.link
+            self.process = self.link = None
         if process is None:
             return
         if link is not None:
             link.stopping = True
-        if link is not None and process.poll() is None:
+        if link is not None and process.poll() is None and not link.lost.is_set():
             with contextlib.suppress(OSError, RuntimeError, TimeoutError):
                 link.request(wire.STOP, timeout_s=min(timeout_s, 2.0))
         try:
@@ -429,9 +538,6 @@ class ControlServer:
                 process.wait()
         if link is not None:
             link.close()
-        self.process = None
-        self.link = None
-        _LIVE.discard(self)
 
 
 _LIVE: weakref.WeakSet[ControlServer] = weakref.WeakSet()

@@ -21,9 +21,10 @@ Invariants:
 * **Prefetch waits cost the worker nothing.** The wait for a promotion is a deadline in
   the thread's heap and a done-callback on the prefetch future, not a blocked thread.
 * **The child can die; the worker cannot.** End of stream on the socket means the
-  child is gone: logged, the endpoint is down, the engine serves on. The child, in
-  turn, exits when the worker's end closes (and when its parent changes), so a
-  killed engine leaves no control process behind.
+  child is gone: logged, the endpoint is down until ``ControlServer`` restarts the
+  child (``control_restart``), the engine serves on. The child, in turn, exits when
+  the worker's end closes (and when its parent changes), so a killed engine leaves no
+  control process behind.
 """
 
 from __future__ import annotations
@@ -126,11 +127,14 @@ def lookup(stack: Any, keys: Iterable[BlockKey]) -> tuple[int, int, int]:
 
 class LinkServer:
     """The worker's end: one daemon thread answering the control child's requests
-    against `stack` (see the module docstring). `on_ready` runs (on the thread) when the
-    child reports it is listening; `on_lost` when the child's end closes."""
+    against `stack` (see the module docstring). ``ready`` is set when the child reports
+    it is listening, ``lost`` when the link ends (the child's end closed, or this thread
+    failed), and then `on_lost` runs on this thread: the owner's supervisor wakes on it
+    instead of polling."""
 
     def __init__(self, sock: socket.socket, stack: Any, rank: int, *, cpu_share: float,
-                 cpu_burst_s: float = 0.05, name: str = "symram-control-link") -> None:
+                 cpu_burst_s: float = 0.05, name: str = "symram-control-link",
+                 on_lost: Callable[[], None] | None = None) -> None:
         self.sock = sock
         self.stack = stack
         self.rank = rank
@@ -138,6 +142,7 @@ class LinkServer:
         self.cpu_burst_s = cpu_burst_s
         self.ready = threading.Event()
         self.lost = threading.Event()
+        self.on_lost = on_lost
         self.budget: Any = None  # made on the link thread (it reads that thread's clock)
         self.answered = 0
         self.cpu_s = 0.0  # this thread's CPU time, as of its last request
@@ -235,7 +240,7 @@ class LinkServer:
         finally:
             if not (self._closing or self.stopping):
                 logger.error("symram rank %d: the control endpoint process is gone; the "
-                             "engine serves on without a control endpoint", self.rank)
+                             "engine serves on", self.rank)
                 # If it was this thread that failed, the child would wait on us forever:
                 # end of stream tells it to exit.
                 with contextlib.suppress(OSError):
@@ -244,6 +249,8 @@ class LinkServer:
             for event, box in list(self._pending.values()):
                 box.append((ERROR, b'"the control child is gone"'))
                 event.set()
+            if self.on_lost is not None:
+                self.on_lost()
 
     def _timeout(self, key_work: deque[Any]) -> float | None:
         waits = []

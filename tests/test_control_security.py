@@ -2,8 +2,8 @@
 shared token, bodies are bounded before they are read, each client is rate-limited,
 and a flood cannot take more than its CPU share of the worker process: the HTTP side
 runs in a low-priority child process, and the worker's one control thread is held to
-its share. A dead child takes the endpoint down, not the worker; a dead worker takes
-its child with it."""
+its share. A dead child takes the endpoint down (until the worker restarts it), not the worker; a
+dead worker takes its child with it."""
 
 from __future__ import annotations
 
@@ -354,7 +354,9 @@ def test_stop_leaves_no_process(stack):
 
 def test_a_dead_child_takes_the_endpoint_down_not_the_worker(stack, caplog):
     caplog.set_level(logging.ERROR)
-    server = serve(stack)
+    # Without restarts (test_control_restart.py has them): the endpoint stays down.
+    server = ControlServer(stack, token=TOKEN, info=INFO, restart=None)
+    server.start(port=0)
     try:
         pid = server.child_pid
         assert pid is not None and server.alive

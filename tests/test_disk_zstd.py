@@ -36,9 +36,9 @@ def noise(i: int, size: int = PAGE) -> torch.Tensor:
                          generator=torch.Generator().manual_seed(i))
 
 
-def make(path: Path, pages: int = 8, **cfg) -> DiskTier:
+def make(path: Path, pages: int = 8, codec: str = "none", **cfg) -> DiskTier:
     cfg.setdefault("compress", "zstd")
-    return DiskTier(path, pages * FILE, config=DiskTierConfig(**cfg))
+    return DiskTier(path, pages * FILE, config=DiskTierConfig(**cfg), codec=codec)
 
 
 def header_of(tier: DiskTier, k: BlockKey) -> PageHeader:

@@ -85,3 +85,27 @@ def test_the_one_lease_ttl_reaches_the_directory_without_redis_too():
         assert directory.options.answer_ttl_s == 1
     finally:
         directory.close()
+
+
+def test_the_disk_tier_records_the_top_level_codec_given_as_an_argument(tmp_path):
+    # The page codec is the engine's top-level `codec`, handed to the tier's constructor;
+    # the disk section has no codec field to smuggle it through (nor to mistype).
+    import torch
+
+    from symram_vllm.keys import BlockKey
+    from symram_vllm.tiers.disk_config import DiskTierConfig
+    from symram_vllm.tiers.page_format import HEADER_BYTES, unpack_header
+
+    assert "codec" not in DiskTierConfig.model_fields
+    config = SymramConfig(disk_path=tmp_path, disk_bytes=1 << 20, codec="int8",
+                          encryption="off")
+    tier = worker_tiers.open_disk_tier(config, b"\x07" * 32, 0)
+    assert tier is not None
+    try:
+        assert tier.codec == "int8" and tier.config == config.disk
+        key = BlockKey(b"\x01" * 32, 0)
+        assert tier.set(key, torch.zeros(4096, dtype=torch.uint8))
+        header = unpack_header(tier.path_of(key).read_bytes()[:HEADER_BYTES])
+        assert header.codec == "int8"
+    finally:
+        tier.close()

@@ -70,6 +70,7 @@ COUNTERS: dict[str, str] = {
     "save_jobs": "Save jobs finished (each moves a request's blocks in one batch)",
     "load_job_errors": "Load jobs that raised (all their blocks became load errors)",
     "save_job_errors": "Save jobs that raised (their pages were dropped)",
+    "control_restarts": "Control endpoint processes started again after one died",
 }
 GAUGES: dict[str, str] = {
     "dram_pages": "Pages resident in the DRAM tier",

@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,6 +31,9 @@ from symram_vllm.connectors.worker_tiers import (
 from symram_vllm.keys import BlockKey
 from symram_vllm.layout import KVLayout, LayoutError
 from symram_vllm.store import TieredStore
+
+if TYPE_CHECKING:  # imported when the endpoint starts: FastAPI only where it is used
+    from symram_vllm.control import ControlServer
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +75,7 @@ class WorkerSide:
         self.mover: PageMover | None = None
         self.store: TieredStore | None = None
         self.runner: TransferRunner | None = None
-        self.control: object | None = None
+        self.control: ControlServer | None = None
         self._lock = threading.Lock()
         self._loads: dict[str, tuple[BlockJob, Future[JobResult]]] = {}
         self._saves: dict[str, list[tuple[BlockJob, Future[JobResult]]]] = defaultdict(list)
@@ -437,11 +441,15 @@ class WorkerSide:
             for name, total in totals.items():
                 counters[name] = total - self._seen.get(name, 0.0)
                 self._seen[name] = total
+        if self.control is not None:
+            restarts = float(self.control.restarts)
+            counters["control_restarts"] = restarts - self._seen.get("control_restarts", 0.0)
+            self._seen["control_restarts"] = restarts
         return counters, gauges
 
     def shutdown(self) -> None:
         if self.control is not None:
-            self.control.stop()  # type: ignore[attr-defined]
+            self.control.stop()
         if self.runner is not None:
             self.runner.shutdown()
         if self._stager is not None:

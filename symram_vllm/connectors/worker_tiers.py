@@ -5,8 +5,8 @@ symram's metric names.
 
 Failures here never stop the engine: a disk tier that cannot open leaves DRAM
 serving (with an error in the log saying why), a control port that is taken (or a
-control process that does not start, or dies later) leaves the engine without a
-control endpoint.
+control process that does not start) leaves the engine without a control endpoint; a
+control process that dies later is started again (``control_restart``).
 """
 
 from __future__ import annotations
@@ -74,13 +74,13 @@ def open_disk_tier(config: SymramConfig, namespace: bytes, rank: int) -> DiskTie
     (slot 0 unless another engine shares the disk_path and got there first)."""
     if config.disk_path is None:
         return None
-    disk_config = config.disk.model_copy(update={"codec": config.codec})
     cipher = _cipher(config, namespace)  # raises (refuses to start) on bad key settings
     slots = MAX_SLOTS if config.disk_share else 1
     for slot in range(slots):
         root = slot_directory(config.disk_path, namespace, rank, slot)
         try:
-            tier = DiskTier(root, config.disk_bytes, config=disk_config, cipher=cipher)
+            tier = DiskTier(root, config.disk_bytes, config=config.disk, codec=config.codec,
+                            cipher=cipher)
         except DiskTierLocked as exc:
             if slot + 1 < slots:
                 continue

@@ -43,9 +43,20 @@ class RedisSettings(BaseModel):
     tls_check_hostname: bool = Field(
         default=True, description="The server certificate must name the host in the URL."
     )
+    # Who waits on it: the scheduler's background directory thread (AsyncDirectory) and
+    # the reconnect probe's thread, never the scheduling path (it reads memory; a waiting
+    # request waits at most connectors/scheduler.py's FLEET_WAIT_S for a fleet answer,
+    # however late it is). The page tier has page_timeout_s, the gateway
+    # routing.directory_timeout_s. So a false outage is the expensive mistake (no fleet
+    # answers, writes queued until a probe succeeds); a long wait on a dead Redis costs
+    # one thread one timeout (tests/test_directory_timeout.py).
     socket_timeout_s: float = Field(
-        default=0.25, gt=0, le=60,
-        description="Directory reads/writes; past it Redis counts as down (breaker opens).",
+        default=2.0, gt=0, le=60,
+        description="Directory reads/writes; past it Redis counts as down (breaker "
+        "opens: misses and queued writes until a probe answers). Only a background "
+        "thread waits on it, never the scheduler loop, so it is long: a busy Redis or "
+        "host (0.25 s tripped at load 10) is not an outage, and a dead Redis costs that "
+        "thread one timeout per outage.",
     )
     connect_timeout_s: float = Field(default=0.25, gt=0, le=60)
     page_timeout_s: float = Field(

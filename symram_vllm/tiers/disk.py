@@ -121,6 +121,7 @@ class DiskTier(Tier):
         budget_bytes: int,
         *,
         config: DiskTierConfig | None = None,
+        codec: str = "none",
         clock: Callable[[], float] = time.monotonic,
         on_evict: DiskEvictCallback | None = None,
         victim_chooser: VictimChooser | None = None,
@@ -135,6 +136,9 @@ class DiskTier(Tier):
         self.quarantine_dir = self.root / "quarantine"
         self.budget_bytes = budget_bytes
         self.config = config or DiskTierConfig()
+        # The page codec's name, recorded in the header of a page whose writer names
+        # none: the engine's top-level `codec`, not a disk setting (peer readers check it).
+        self.codec = codec
         # Called outside the tier's lock when a page leaves by eviction or quarantine.
         self.on_evict = on_evict
         self.victim_chooser = victim_chooser
@@ -441,7 +445,7 @@ class DiskTier(Tier):
         buf.tensor[HEADER_BYTES : HEADER_BYTES + length].copy_(page.reshape(-1))
         # A sealed page is checked by its GCM tag: no CRC32 pass in the saver's thread.
         crc = 0 if self.cipher is not None else checksum(buf.view(length, HEADER_BYTES))
-        header = PageHeader(key, codec or self.config.codec, length, crc, position)
+        header = PageHeader(key, codec or self.codec, length, crc, position)
         pack_header(header, buf.view(HEADER_BYTES))
         # Zero the tail so a reused buffer never leaks an older page into the padding.
         buf.array[HEADER_BYTES + length : header.file_bytes] = 0

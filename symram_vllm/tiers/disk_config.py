@@ -2,10 +2,10 @@
 gateway, ``symram doctor``) does not import torch.
 
 One knob, one place: the eviction sample size is ``policy.victim_window`` (the tier stack
-hands it to both tiers) and the page codec is the top-level ``codec``. Their old copies
-here, ``disk.victim_window`` and ``disk.codec`` (which the engine silently overwrote with
-``codec``), are refused in a config, naming the setting to use instead
-(``config.REMOVED_SETTINGS``).
+hands it to both tiers) and the page codec is the top-level ``codec`` (the engine hands it
+to ``DiskTier(codec=...)``). Their old copies here, ``disk.victim_window`` and
+``disk.codec`` (which the engine silently overwrote with ``codec``), are refused in a
+config, naming the setting to use instead (``config.REMOVED_SETTINGS``).
 """
 
 from __future__ import annotations
@@ -37,13 +37,6 @@ class DiskTierConfig(BaseModel):
     manifest: bool = Field(True, description="Write a manifest on close, use it on start.")
     quarantine_max_files: int = Field(256, ge=0)
     progress_min_files: int = Field(2000, ge=0, description="Show a progress bar above this.")
-    # Not a setting: the engine copies the top-level `codec` here (connectors/
-    # worker_tiers.py), and the tier records it in page headers. Hidden from the docs
-    # and from dumps (`symram doctor --config`); SymramConfig refuses it as input.
-    codec: str = Field(
-        "none", exclude=True, json_schema_extra={"internal": True},
-        description="Codec name recorded in page headers; set from the top-level codec.",
-    )
     compress: Literal["none", "zstd"] = Field(
         "none",
         description="Lossless stage for pages on disk: zstd compresses each page in the "
