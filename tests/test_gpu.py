@@ -53,16 +53,27 @@ def test_pinned_arena_decision():
     store.close()
 
 
+@pytest.mark.parametrize("forced", ["auto", "triton", "staged"])
 @pytest.mark.parametrize("layout", ["LBHNC", "BLHNC"])
-def test_batched_kernel_matches_torch_reference(layout):
+def test_batched_kernel_matches_torch_reference(layout, forced, monkeypatch):
+    # Every backend that serves a CUDA cache, forced in turn (the Triton UVA kernel
+    # both ways, the staged DMA both ways), against the torch path on the host.
+    monkeypatch.setenv(block_copy.BACKEND_ENV, forced)
     kv = KVLayout(caches(layout))
     pinned = CUDA
     pages = torch.zeros(64, kv.page_bytes, dtype=torch.uint8, pin_memory=pinned)
     ref = torch.zeros_like(pages)
     ids, rows = [17, 3, 9, 0, 23, 3], [31, 2, 17, 9, 38, 5]  # unsorted, repeated, scattered
-    backend = block_copy.pick_backend(kv.segments, pages)
-    assert backend == ("triton" if CUDA and capability.cuda_capability().available
-                       and block_copy.triton_capability().available else "torch")
+    backend = block_copy.pick_backend(kv.segments, pages, to_pages=True, blocks=len(ids))
+    triton_ok = block_copy.triton_capability().available
+    if not CUDA:
+        assert backend == "torch"
+    elif forced == "auto":  # saves go to the copy engine
+        assert backend == "staged"
+    else:
+        assert backend == (forced if forced == "staged" or triton_ok else "staged")
+    print(f"{layout} {forced}: save via {backend}, load via "
+          f"{block_copy.pick_backend(kv.segments, pages, blocks=4)}")
     kv.save_blocks(ids, pages, rows)
     if CUDA:
         torch.cuda.synchronize()

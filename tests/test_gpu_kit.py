@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_gpu_kit_dry_run_writes_every_result(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path))
+    # The interpreter running the tests (a worktree may have no .venv of its own).
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=os.environ.get("PYTHON", sys.executable))
     proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -71,10 +73,13 @@ def test_bench_runs_the_headline_cases_first_and_compares_codecs():
 
     cases = bt.plan_cases("cuda", ["llama3-8b", "llama3-70b-tp8"], ["none", "int8", "fp8"],
                           [1, 32, 512])
-    assert cases[0] == ("llama3-8b", "LBHNC", "none", 512)
-    assert set(cases[1:3]) == {("llama3-8b", "LBHNC", "int8", 512),
-                               ("llama3-8b", "LBHNC", "fp8", 512)}
-    assert len(cases) == len(set(cases)) == 2 * 2 * 3 * 3
+    assert cases[0] == ("llama3-8b", "LBHNC", "none", 512, "auto")
+    assert set(cases[1:3]) == {("llama3-8b", "LBHNC", "int8", 512, "auto"),
+                               ("llama3-8b", "LBHNC", "fp8", 512, "auto")}
+    assert cases[3] == ("llama3-8b", "LBHNC", "none", 512, "triton")  # then the other backends
+    assert len(cases) == len(set(cases)) == 2 * 2 * 3 * 3 + 2 * 2
+    cpu = bt.plan_cases("cpu", ["mid"], ["none"], [1, 512])
+    assert {c[4] for c in cpu} == {"auto"}  # no backend to compare on CPU
     row = {"geometry": "llama3-8b", "layout": "LBHNC", "blocks": 512, "save_gbps": 10.0,
            "load_gbps": 20.0, "load_over_limit": 0.9, "save_over_limit": 0.8,
            "save_ops_per_job": 2, "load_ops_per_job": 3}
