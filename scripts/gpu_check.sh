@@ -15,7 +15,7 @@
 # ${OUT:-gpu-results}/ (at most 8 files): machine.json, kit.log, junit.xml,
 # transfer_<device>.json, summary.json. summary.json is written whatever fails, with
 # every step's exit status (124: its timeout). Budget: the step timeouts add up to
-# 435 s (480 if pip is missing), under the 8 minutes an H200 run may take.
+# 445 s, under the 8 minutes an H200 run may take.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,24 +40,24 @@ if [ "$DRY" = 1 ]; then
   DEVICE=cpu
   # CPU: codec none only (the torch reference quantizer takes minutes per case here;
   # tests/test_gpu.py still moves int8/fp8 jobs through the same path).
-  BENCH_ARGS=(--quick --codecs none --jobs 1,32,512 --time-budget 120)
+  BENCH_ARGS=(--quick --codecs none --jobs 1,32,512 --time-budget 100)
 else
   PY="${PYTHON:-python3}"
   DEVICE=cuda
-  BENCH_ARGS=(--repeats 5 --time-budget 120)
+  BENCH_ARGS=(--repeats 5 --time-budget 100)
   if compgen -G ".whl/*.whl" >/dev/null; then
     SITE=/tmp/symram-site
     # Never install a wheel of what the host's CUDA stack is built on: its own copies
     # must win (a numpy or torch wheel here would not match the host's builds).
     mapfile -t WHEELS < <(ls .whl/*.whl | grep -Eiv '/(numpy|torch|triton|cupy[^/]*|nvidia_[^/]*)-')
     say "installing ${#WHEELS[@]} wheels from .whl/ into $SITE"
-    timeout -k 5 45 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    timeout -k 5 30 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
       --upgrade --target "$SITE" "${WHEELS[@]}" >>"$LOG" 2>&1
     wheels_rc=$?
     if [ "$wheels_rc" != 0 ]; then
       # No pip on the host: a wheel is a zip laid out for site-packages.
       say "pip install failed (rc=$wheels_rc); unpacking the wheels with zipfile instead"
-      timeout -k 5 45 "$PY" -c 'import sys, zipfile
+      timeout -k 5 30 "$PY" -c 'import sys, zipfile
 for w in sys.argv[2:]: zipfile.ZipFile(w).extractall(sys.argv[1])' "$SITE" "${WHEELS[@]}" \
         >>"$LOG" 2>&1
       wheels_rc=$?
@@ -74,7 +74,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 say "machine"
 { command -v nvidia-smi >/dev/null && timeout -k 5 15 nvidia-smi; } >>"$LOG" 2>&1
-timeout -k 5 45 "$PY" - >"$OUT/machine.json" 2>>"$LOG" <<'EOF'
+timeout -k 5 30 "$PY" - >"$OUT/machine.json" 2>>"$LOG" <<'EOF'
 import json
 from loadtest.machine import describe_machine
 from symram_vllm import capability
@@ -99,12 +99,13 @@ else
 fi
 say "pytest -m gpu on $DEVICE: ${KERNEL_TESTS[*]}"
 # SIGINT, not SIGTERM: pytest then stops cleanly and still writes junit.xml.
-timeout -s INT -k 10 180 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -m gpu \
+timeout -s INT -k 10 210 "$PY" -m pytest -q -rsx -p no:cacheprovider -o addopts="" \
+  -o junit_logging=system-out -m gpu \
   --junitxml="$OUT/junit.xml" "${KERNEL_TESTS[@]}" 2>&1 | tee -a "$LOG"
 tests_rc=${PIPESTATUS[0]}
 
 say "bench_transfer --device $DEVICE ${BENCH_ARGS[*]}"
-timeout -k 10 150 "$PY" -m loadtest.bench_transfer --device "$DEVICE" "${BENCH_ARGS[@]}" \
+timeout -k 10 130 "$PY" -m loadtest.bench_transfer --device "$DEVICE" "${BENCH_ARGS[@]}" \
   --out "$OUT/transfer_$DEVICE.json" 2>&1 | tee -a "$LOG"
 bench_rc=${PIPESTATUS[0]}
 

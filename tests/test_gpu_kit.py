@@ -46,7 +46,7 @@ def test_gpu_kit_step_timeouts_fit_in_eight_minutes():
     # pip, its zipfile fallback, nvidia-smi, machine.json, pytest, bench_transfer
     assert len(limits) == 6, limits
     assert sum(limits) <= 480
-    assert "--time-budget 120" in script
+    assert "--time-budget 100" in script
 
 
 def test_gpu_kit_never_installs_the_hosts_cuda_stack():
