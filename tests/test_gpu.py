@@ -53,6 +53,19 @@ def test_pinned_arena_decision():
     store.close()
 
 
+def test_pinned_arena_is_placed_next_to_its_gpu():
+    # The worker passes its device index: the arena is first-touched on the GPU's NUMA
+    # node, found by matching torch's device to NVML's by UUID.
+    store = TieredStore(4096, 8 * 4096, device_index=0 if CUDA else None)
+    placement = store.dram.placement
+    print(f"pinned arena placement: {placement}")
+    gpus, _ = capability.gpu_inventory()
+    if CUDA and gpus:
+        assert capability.gpu_of(0, gpus) is not None, "cuda:0 not found in NVML by UUID"
+        assert "not matched" not in placement
+    store.close()
+
+
 @pytest.mark.parametrize("forced", ["auto", "triton", "staged"])
 @pytest.mark.parametrize("layout", ["LBHNC", "BLHNC"])
 def test_batched_kernel_matches_torch_reference(layout, forced, monkeypatch):
