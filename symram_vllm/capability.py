@@ -133,14 +133,19 @@ def _torch_uuid(device_index: int) -> str:
         return ""
 
 
+def _uuid_hex(uuid: str) -> str:
+    """The 32 hex digits of a UUID, however it is spelled ("GPU-" prefix, dashes)."""
+    return "".join(c for c in uuid.lower().removeprefix("gpu-") if c in "0123456789abcdef")
+
+
 def gpu_of(device_index: int, gpus: Sequence[GpuInfo]) -> GpuInfo | None:
     """NVML's record of torch's CUDA device `device_index`. NVML numbers every GPU of
     the host in PCI order, torch only the visible ones (CUDA_VISIBLE_DEVICES) in
     CUDA's order, so the two are matched by UUID; by index only when nothing is
     hidden and no UUID is known."""
-    uuid = _torch_uuid(device_index).lower().removeprefix("gpu-")
+    uuid = _uuid_hex(_torch_uuid(device_index))
     if uuid:
-        return next((g for g in gpus if g.uuid.lower().removeprefix("gpu-") == uuid), None)
+        return next((g for g in gpus if _uuid_hex(g.uuid) == uuid), None)
     if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
         return None
     return next((g for g in gpus if g.index == device_index), None)

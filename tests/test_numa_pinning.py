@@ -56,7 +56,7 @@ def test_torch_devices_are_matched_to_nvml_by_uuid(monkeypatch):
     # place its pinned arena next to another GPU (maybe on another socket).
     gpus = tuple(capability.GpuInfo(i, "H200", f"00000000:{0x17 + i:02x}:00.0", 5, 16,
                                     i // 4, uuid=f"GPU-{i:08x}-aaaa") for i in range(8))
-    monkeypatch.setattr(capability, "_torch_uuid", lambda index: f"{4 + index:08x}-aaaa")
+    monkeypatch.setattr(capability, "_torch_uuid", lambda index: f"{4 + index:08X}-AAAA")
     assert capability.gpu_of(0, gpus).index == 4  # type: ignore[union-attr]
     assert capability.gpu_of(1, gpus).numa_node == 1  # type: ignore[union-attr]
     monkeypatch.setattr(capability, "_torch_uuid", lambda index: "")  # no UUID known
