@@ -26,7 +26,8 @@ import torch
 
 from symram_vllm.kernels.block_copy import Segment, torch_load, torch_save
 
-STAGE_LIMIT_BYTES = 256 << 20
+# 1 GiB: a 512-block llama3-8b job (2 MiB pages) in one chunk, L + 1 operations.
+STAGE_LIMIT_BYTES = 1 << 30
 
 
 def consecutive_runs(rows: torch.Tensor) -> list[tuple[int, int, int]]:
