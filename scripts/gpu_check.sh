@@ -9,13 +9,15 @@
 # Python dependencies the GPU host lacks; carry .whl with the working tree.
 # Steps: install the wheels (pip --no-index --no-deps --target, or zipfile without pip;
 # never numpy/torch/triton/cupy/nvidia-*, whose host builds must win), `pytest -m gpu`
-# (pinned arena, side-stream copies, batched kernels vs their torch reference, Triton int8/fp8 kernels byte-identical to the reference, kvikio probe +
-# GDS round trip), bench_transfer on the device (codecs none/int8/fp8; it rewrites its
-# results after every case, so a timeout keeps what was measured). Everything lands in
-# ${OUT:-gpu-results}/ (at most 8 files): machine.json, kit.log, junit.xml,
+# (pinned arena, side-stream copies, every block-copy backend and the Triton int8/fp8
+# kernels byte-identical to the torch reference, kvikio probe + GDS round trip),
+# bench_transfer on the device (codecs none/int8/fp8; headline cases first, results
+# rewritten after every case, so a timeout keeps what was measured). Everything lands
+# in ${OUT:-gpu-results}/ (at most 8 files): machine.json, kit.log, junit.xml,
 # transfer_<device>.json, summary.json. summary.json is written whatever fails, with
-# every step's exit status (124: its timeout). Budget: the step timeouts add up to
-# 445 s, under the 8 minutes an H200 run may take.
+# every step's exit status (124: its timeout; pytest stopped at its timeout exits 2
+# and keeps junit.xml). Budget: the step timeouts add up to 445 s, under the 8 minutes
+# an H200 run may take. Override the interpreter with PYTHON=/path/to/python.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +26,7 @@ wheels_rc=0
 case "${1:-}" in
   --dry-run) DRY=1 ;;
   "") ;;
-  -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
   *) echo "usage: $0 [--dry-run]" >&2; exit 2 ;;
 esac
 
