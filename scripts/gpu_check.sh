@@ -15,8 +15,8 @@
 # rewritten after every case, so a timeout keeps what was measured). Everything lands
 # in ${OUT:-gpu-results}/ (at most 8 files): machine.json, kit.log, junit.xml,
 # transfer_<device>.json, summary.json. summary.json is written whatever fails, with
-# every step's exit status (124: its timeout; pytest stopped at its timeout exits 2
-# and keeps junit.xml). Budget: the step timeouts add up to 445 s, under the 8 minutes
+# every step's exit status (124: its timeout; pytest, stopped by SIGINT, still writes
+# junit.xml with the tests that ran). Budget: the step timeouts add up to 445 s, under the 8 minutes
 # an H200 run may take. Override the interpreter with PYTHON=/path/to/python.
 set -uo pipefail
 cd "$(dirname "$0")/.."
