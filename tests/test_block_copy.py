@@ -332,3 +332,17 @@ def test_backend_choice_follows_vllms_measurements(monkeypatch):
         assert pick(big, pinned, blocks=512) == load, forced
     monkeypatch.setenv(block_copy.BACKEND_ENV, "triton")  # only where the kernel can serve
     assert pick(segs(12, 2), pinned, blocks=512) == "staged"
+
+
+def test_staging_shrinks_next_to_a_nearly_full_gpu(monkeypatch):
+    from symram_vllm.kernels import block_copy_staged as staged
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 << 30, 141 << 30))
+    assert staged.stage_limit(cuda) == staged.STAGE_LIMIT_BYTES
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 30, 141 << 30))
+    assert staged.stage_limit(cuda) == 256 << 20
+    assert staged._chunks(512, 2 << 20, cuda) == [(0, 128), (128, 256), (256, 384), (384, 512)]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 141 << 30))
+    assert staged._chunks(3, 2 << 20, cuda) == [(0, 1), (1, 2), (2, 3)]  # a block at a time
+    assert staged.stage_limit(torch.device("cpu")) == staged.STAGE_LIMIT_BYTES

@@ -13,9 +13,9 @@ engine beats a UVA kernel for every device->host copy and for host->device paylo
 Ordering: everything is queued on the current stream. A staging array freed while its
 copy is in flight is safe, since the caching allocator reuses memory on the same
 stream only. The caller fences before publishing saved rows or returning loaded
-blocks (``PageMover.fence``). The staging array is at most ``STAGE_LIMIT_BYTES``: a
-larger job is moved in chunks of whole blocks, so the device memory a job borrows
-next to the engine's stays bounded.
+blocks (``PageMover.fence``). The staging array is at most ``STAGE_LIMIT_BYTES`` (or
+a quarter of the device's free memory, if less): a larger job is moved in chunks of
+whole blocks, so the device memory a job borrows next to the engine's stays bounded.
 """
 
 from __future__ import annotations
@@ -42,8 +42,21 @@ def consecutive_runs(rows: torch.Tensor) -> list[tuple[int, int, int]]:
     return runs
 
 
-def _chunks(n: int, page_bytes: int) -> list[tuple[int, int]]:
-    step = max(1, STAGE_LIMIT_BYTES // max(1, page_bytes))
+def stage_limit(device: torch.device) -> int:
+    """Bytes of staging a chunk may borrow on `device`: ``STAGE_LIMIT_BYTES``, or a
+    quarter of what the driver reports free when that is less (next to an engine that
+    reserved most of the GPU, a job shrinks its chunks instead of failing to allocate)."""
+    if device.type != "cuda":
+        return STAGE_LIMIT_BYTES
+    try:
+        free, _ = torch.cuda.mem_get_info(device)
+    except Exception:  # no driver answer: keep the default
+        return STAGE_LIMIT_BYTES
+    return min(STAGE_LIMIT_BYTES, free // 4)
+
+
+def _chunks(n: int, page_bytes: int, device: torch.device) -> list[tuple[int, int]]:
+    step = max(1, stage_limit(device) // max(1, page_bytes))
     return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
 
 
@@ -56,7 +69,7 @@ def save(
     device = segments[0].source.device
     width = pages.shape[1]
     ops = 0
-    for lo, hi in _chunks(ids.shape[1], width):
+    for lo, hi in _chunks(ids.shape[1], width, device):
         stage = torch.empty((hi - lo, width), dtype=torch.uint8, device=device)
         group_ids = ids[:, lo:hi].to(device, non_blocking=True)
         ops += torch_save(segments, group_ids, stage, torch.arange(hi - lo))
@@ -76,7 +89,7 @@ def load(
     device = segments[0].source.device
     width = pages.shape[1]
     ops = 0
-    for lo, hi in _chunks(ids.shape[1], width):
+    for lo, hi in _chunks(ids.shape[1], width, device):
         stage = torch.empty((hi - lo, width), dtype=torch.uint8, device=device)
         for first, row, length in consecutive_runs(rows[lo:hi]):
             stage[first : first + length].copy_(pages[row : row + length],
