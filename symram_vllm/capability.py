@@ -11,7 +11,7 @@ import functools
 import importlib.util
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,7 @@ class GpuInfo:
     pcie_generation: int | None
     pcie_width: int | None
     numa_node: int | None
+    uuid: str = ""  # NVML's "GPU-xxxxxxxx-...", what ties it to a torch device
 
 
 def _sysfs_numa_node(pci_bus_id: str, sysfs: Path = Path("/sys/bus/pci/devices")) -> int | None:
@@ -106,11 +107,48 @@ def gpu_inventory() -> tuple[tuple[GpuInfo, ...], str]:
                 pcie_generation=_nvml_or_none(pynvml.nvmlDeviceGetCurrPcieLinkGeneration, handle),
                 pcie_width=_nvml_or_none(pynvml.nvmlDeviceGetCurrPcieLinkWidth, handle),
                 numa_node=_sysfs_numa_node(bus),
+                uuid=_nvml_text(pynvml.nvmlDeviceGetUUID, handle),
             ))
     finally:
         with contextlib.suppress(Exception):
             pynvml.nvmlShutdown()
     return tuple(gpus), f"{len(gpus)} GPU(s) found by NVML"
+
+
+def _nvml_text(query: Callable[[Any], Any], handle: Any) -> str:
+    try:
+        value = query(handle)
+    except Exception:  # not supported on this device or driver
+        return ""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _torch_uuid(device_index: int) -> str:
+    """The UUID of torch's CUDA device `device_index`, "" when unknown."""
+    try:
+        import torch
+
+        return str(torch.cuda.get_device_properties(device_index).uuid)
+    except Exception:  # no CUDA, or a torch without the field
+        return ""
+
+
+def _uuid_hex(uuid: str) -> str:
+    """The 32 hex digits of a UUID, however it is spelled ("GPU-" prefix, dashes)."""
+    return "".join(c for c in uuid.lower().removeprefix("gpu-") if c in "0123456789abcdef")
+
+
+def gpu_of(device_index: int, gpus: Sequence[GpuInfo]) -> GpuInfo | None:
+    """NVML's record of torch's CUDA device `device_index`. NVML numbers every GPU of
+    the host in PCI order, torch only the visible ones (CUDA_VISIBLE_DEVICES) in
+    CUDA's order, so the two are matched by UUID; by index only when nothing is
+    hidden and no UUID is known."""
+    uuid = _uuid_hex(_torch_uuid(device_index))
+    if uuid:
+        return next((g for g in gpus if _uuid_hex(g.uuid) == uuid), None)
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        return None
+    return next((g for g in gpus if g.index == device_index), None)
 
 
 def _nvml_or_none(query: Callable[[Any], int], handle: Any) -> int | None:
@@ -149,10 +187,14 @@ def on_numa_node_of(device_index: int | None) -> Iterator[str]:
     """Run the body on the CPUs of the NUMA node closest to GPU `device_index`, so
     pinned host memory allocated in it is local to that GPU's PCIe root (Linux places
     a page on the node of the CPU that first touches it). Yields the decision."""
+    if device_index is None:
+        yield "no NUMA placement: CPU device"
+        return
     gpus, reason = gpu_inventory()
-    info = next((g for g in gpus if g.index == device_index), None)
-    if device_index is None or info is None:
-        yield f"no NUMA placement: {reason if info is None else 'CPU device'}"
+    info = gpu_of(device_index, gpus)
+    if info is None:
+        yield (f"no NUMA placement: CUDA device {device_index} not matched in NVML's "
+               f"inventory ({reason})")
         return
     allowed = os.sched_getaffinity(0)
     target, why = pinning_plan(info.numa_node, node_cpus(info.numa_node or 0), allowed)

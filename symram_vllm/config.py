@@ -75,6 +75,7 @@ OTHER_ENV = frozenset({
     "SYMRAM_CHROMIUM", "SYMRAM_CHROMEDRIVER",  # the dashboard browser test
     "SYMRAM_ENCRYPTION_KEY",  # tiers/crypto.py: the at-rest key (kept out of files)
     "SYMRAM_FAULT_COPY",  # connectors/faults.py: fault injection
+    "SYMRAM_BLOCK_COPY",  # kernels/block_copy.py: force a copy backend (benchmarks)
     "SYMRAM_RUNTIME_DIR",  # bypass.py: where the kill switch's flag lives
 })
 OTHER_ENV_PREFIXES = ("SYMRAM_GATEWAY_", "SYMRAM_TEST_")  # the gateway's; the tests'

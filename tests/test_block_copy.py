@@ -228,3 +228,121 @@ def test_parallel_host_scatter_writes_the_same_bytes(physical, monkeypatch):
         for out, block in zip(dst.page_views(page), dst.block_views(d), strict=True):
             out.copy_(block)
         assert torch.equal(page, pages[row])
+
+
+# -- the staged DMA path (CUDA cache <-> host pages), run here with a CPU "device" -------
+@pytest.mark.parametrize("physical", LAYOUTS)
+@pytest.mark.parametrize("stage_limit", [1 << 30, 1])  # one chunk, or one block a chunk
+def test_staged_path_writes_the_same_bytes_as_torch(physical, stage_limit, monkeypatch):
+    from symram_vllm.kernels import block_copy_staged
+
+    monkeypatch.setattr(block_copy_staged, "STAGE_LIMIT_BYTES", stage_limit)
+    layout = KVLayout(make_caches(physical))
+    ids = torch.tensor([[17, 3, 9, 0, 23, 3]])
+    rows = torch.tensor([31, 32, 33, 9, 38, 5])  # three runs: 31-33, 9, 38, 5
+    assert block_copy_staged.consecutive_runs(rows) == [(0, 31, 3), (3, 9, 1), (4, 38, 1),
+                                                        (5, 5, 1)]
+    ref = torch.zeros(40, layout.page_bytes, dtype=torch.uint8)
+    got = torch.zeros_like(ref)
+    block_copy.torch_save(layout.segments, ids, ref, rows)
+    ops = block_copy_staged.save(layout.segments, ids, got, rows)
+    assert torch.equal(got, ref)
+    chunks = 1 if stage_limit > 1 else 6
+    assert ops == chunks * len(layout.segments) + 4 + (2 if stage_limit == 1 else 0)
+    kv_ref, kv_got = make_caches(physical), make_caches(physical)
+    lids = torch.tensor([[20, 0, 11, 7, 5]])
+    lrows = torch.tensor([31, 32, 33, 9, 38])
+    block_copy.torch_load(KVLayout(kv_ref).segments, ref, lrows, lids)
+    block_copy_staged.load(KVLayout(kv_got).segments, ref, lrows, lids)
+    for name in kv_ref:
+        assert torch.equal(kv_ref[name], kv_got[name]), name
+
+
+def test_staged_load_skips_negative_ids_of_a_group():
+    from symram_vllm.kernels import block_copy_staged
+
+    caches = make_caches("LBHNC")
+    groups = {name: i % 2 for i, name in enumerate(caches)}
+    src = KVLayout(caches, groups)
+    pages = torch.zeros(4, src.page_bytes, dtype=torch.uint8)
+    block_copy.torch_save(src.segments, torch.tensor([[1, 2], [3, 4]]), pages,
+                          torch.tensor([0, 1]))
+    ids = torch.tensor([[5, 6], [-1, 7]])  # group 1 skips page 0
+    kv_ref, kv_got = make_caches("LBHNC"), make_caches("LBHNC")
+    for kv in (kv_ref, kv_got):
+        for view in kv.values():
+            view.zero_()
+    block_copy.torch_load(KVLayout(kv_ref, groups).segments, pages, torch.tensor([0, 1]), ids)
+    block_copy_staged.load(KVLayout(kv_got, groups).segments, pages, torch.tensor([0, 1]), ids)
+    for name in kv_ref:
+        assert torch.equal(kv_ref[name], kv_got[name]), name
+
+
+class _FakeCuda:
+    """Stands in for a CUDA tensor where pick_backend only reads metadata."""
+
+    device = torch.device("cuda")
+
+    def __init__(self, ptr: int = 0, stride: int = 4096) -> None:
+        self._ptr, self._stride = ptr, stride
+
+    def data_ptr(self) -> int:
+        return self._ptr
+
+    def stride(self, dim: int) -> int:
+        return self._stride
+
+
+class _FakePages(_FakeCuda):
+    def __init__(self, device: str = "cpu", pinned: bool = True) -> None:
+        super().__init__()
+        self.device = torch.device(device)  # type: ignore[misc]
+        self._pinned = pinned
+
+    def is_pinned(self) -> bool:
+        return self._pinned
+
+
+def test_backend_choice_follows_vllms_measurements(monkeypatch):
+    from symram_vllm.capability import Capability
+
+    monkeypatch.setattr(block_copy, "triton_capability", lambda: Capability(True, "test"))
+    monkeypatch.delenv(block_copy.BACKEND_ENV, raising=False)
+
+    def segs(nbytes: int, count: int) -> list[block_copy.Segment]:
+        return [block_copy.Segment(_FakeCuda(), i * nbytes, nbytes, raw=True)  # type: ignore[arg-type]
+                for i in range(count)]
+
+    pick = block_copy.pick_backend
+    small, big = segs(8 << 10, 80), segs(64 << 10, 32)  # llama3-70b-tp8 / llama3-8b LBHNC
+    pinned = _FakePages()
+    assert pick(small, pinned, blocks=512) == "triton"  # loads of small segments
+    assert pick(small, pinned, to_pages=True, blocks=512) == "staged"  # saves: copy engine
+    assert pick(big, pinned, blocks=512) == "staged"  # 64 KiB: the copy engine wins
+    assert pick(segs(8 << 10, 1), pinned, blocks=8) == "staged"  # too few descriptors
+    assert pick(small, _FakePages(pinned=False), blocks=512) == "staged"  # no UVA
+    assert pick(small, _FakePages("cuda"), blocks=512) == "torch"  # device to device
+    monkeypatch.setattr(block_copy, "triton_capability", lambda: Capability(False, "test"))
+    assert pick(small, pinned, blocks=512) == "staged"
+    monkeypatch.setattr(block_copy, "triton_capability", lambda: Capability(True, "test"))
+    for forced, save, load in [("triton", "triton", "triton"), ("staged", "staged", "staged"),
+                               ("torch", "torch", "torch"), ("bogus", "staged", "staged")]:
+        monkeypatch.setenv(block_copy.BACKEND_ENV, forced)
+        assert pick(big, pinned, to_pages=True, blocks=512) == save, forced
+        assert pick(big, pinned, blocks=512) == load, forced
+    monkeypatch.setenv(block_copy.BACKEND_ENV, "triton")  # only where the kernel can serve
+    assert pick(segs(12, 2), pinned, blocks=512) == "staged"
+
+
+def test_staging_shrinks_next_to_a_nearly_full_gpu(monkeypatch):
+    from symram_vllm.kernels import block_copy_staged as staged
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 << 30, 141 << 30))
+    assert staged.stage_limit(cuda) == staged.STAGE_LIMIT_BYTES
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 30, 141 << 30))
+    assert staged.stage_limit(cuda) == 256 << 20
+    assert staged._chunks(512, 2 << 20, cuda) == [(0, 128), (128, 256), (256, 384), (384, 512)]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 141 << 30))
+    assert staged._chunks(3, 2 << 20, cuda) == [(0, 1), (1, 2), (2, 3)]  # a block at a time
+    assert staged.stage_limit(torch.device("cpu")) == staged.STAGE_LIMIT_BYTES

@@ -446,3 +446,23 @@ def test_write_gate_back_off_doubles_up_to_retry_backoff_max_s(tmp_path):
         waits.append(tier.gate.retry_in())
     assert waits == [1, 2, 3, 3]
     tier.close()
+
+
+def test_kvikio_that_cannot_do_io_here_falls_back_to_posix(tmp_path, monkeypatch):
+    # kvikio may import on a CUDA host and still fail on the disk's file system (no
+    # O_DIRECT on overlayfs, no libcufile): a round trip at open time decides.
+    from symram_vllm.capability import Capability
+
+    class Failing:
+        name = "kvikio"
+
+        def __init__(self) -> None:
+            raise RuntimeError("cuFile: file system not supported")
+
+    monkeypatch.setattr(capability, "kvikio_capability", lambda: Capability(True, "test"))
+    monkeypatch.setattr(aligned_io, "KvikioFileIO", Failing)
+    probe = aligned_io.probe_kvikio_io(tmp_path)
+    assert not probe.available and "file system not supported" in probe.reason
+    io, reason = open_file_io(tmp_path, "kvikio", "off")
+    assert io.name == "posix" and "kvikio unusable here" in reason
+    assert list(tmp_path.iterdir()) == []  # the probe leaves nothing behind

@@ -48,3 +48,23 @@ def test_describe_reports_real_booleans_and_the_gpu_reason():
     report = capability.describe()
     assert isinstance(report["pinned_memory"], bool)
     assert report["gpus"]  # a list of GPUs, or the reason there is none
+
+
+def test_torch_devices_are_matched_to_nvml_by_uuid(monkeypatch):
+    # NVML numbers every GPU of the host; torch only the visible ones. With
+    # CUDA_VISIBLE_DEVICES=4,5 torch's cuda:0 is NVML's GPU 4: matching by index would
+    # place its pinned arena next to another GPU (maybe on another socket).
+    gpus = tuple(capability.GpuInfo(i, "H200", f"00000000:{0x17 + i:02x}:00.0", 5, 16,
+                                    i // 4, uuid=f"GPU-{i:08x}-aaaa") for i in range(8))
+    monkeypatch.setattr(capability, "_torch_uuid", lambda index: f"{4 + index:08X}-AAAA")
+    assert capability.gpu_of(0, gpus).index == 4  # type: ignore[union-attr]
+    assert capability.gpu_of(1, gpus).numa_node == 1  # type: ignore[union-attr]
+    monkeypatch.setattr(capability, "_torch_uuid", lambda index: "")  # no UUID known
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    assert capability.gpu_of(0, gpus) is None  # an index would be a guess
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert capability.gpu_of(0, gpus).index == 0  # type: ignore[union-attr]
+    monkeypatch.setattr(capability, "gpu_inventory", lambda: (gpus, "8 GPU(s)"))
+    monkeypatch.setattr(capability, "_torch_uuid", lambda index: "ffffffff-0000")
+    with capability.on_numa_node_of(0) as why:
+        assert "not matched" in why

@@ -95,11 +95,14 @@ class QuantCodec(FixedSizeCodec):
         self, caches: Sequence[torch.Tensor], ids: torch.Tensor, pages: torch.Tensor,
         rows: torch.Tensor,
     ) -> None:
+        # Host copies, made once: each layer's kernel call then checks them on the host
+        # and uploads them without a sync (a CUDA index costs one sync per check).
+        ids_host, rows_host = ids.cpu(), rows.cpu()
         for layer, cache in enumerate(caches):
             gather_quantize(
-                cache, ids, self.fmt, self.granularity,
+                cache, ids_host, self.fmt, self.granularity,
                 out=self.codes_view(pages, layer), out_scales=self.scales_view(pages, layer),
-                out_rows=rows,
+                out_rows=rows_host,
             )
         # Padding bytes would otherwise keep whatever the slot held before.
         pages[:, self._codes_bytes * self.geometry.num_layers : self._scales_at].index_fill_(
@@ -128,11 +131,12 @@ class QuantCodec(FixedSizeCodec):
             staged = (pages[start : start + ids.numel()] if start is not None
                       else pages.index_select(0, rows))
             pages = staged.to(device, non_blocking=pages.is_pinned())
-            rows = torch.arange(ids.numel(), device=device)
+            rows = torch.arange(ids.numel())
+        ids_host, rows_host = ids.cpu(), rows.cpu()  # see _quantize
         for layer, cache in enumerate(caches):
             dequantize_scatter(
-                self.codes_view(pages, layer), self.scales_view(pages, layer), cache, ids,
-                src_rows=rows,
+                self.codes_view(pages, layer), self.scales_view(pages, layer), cache, ids_host,
+                src_rows=rows_host,
             )
 
     def _metas(

@@ -16,10 +16,14 @@ operations depends on the segment count, never on n:
 * torch (CPU, and CUDA without triton): one index op per segment when the job's page
   rows are one consecutive run (``DramTier.reserve_many`` hands them out that way),
   two otherwise (a gather into a temporary, then an index copy);
-* triton (CUDA, pages in pinned host memory or on the device): one kernel launch for
-  the whole job over a list of (source, destination, size) descriptors, plus one
-  upload of that list. The kernel reads and writes pinned host memory through UVA,
-  as vLLM's ``swap_blocks_triton`` does.
+* staged (a CUDA cache, pages in host memory): blocks are gathered or scattered on
+  the device into a staging array shaped like the page rows, which crosses PCIe as one
+  contiguous copy per run of consecutive rows (``block_copy_staged``);
+* triton (a CUDA cache, pages in pinned host memory, loads of small segments): one
+  kernel launch for the whole job over a list of (source, destination, size)
+  descriptors, plus one upload of that list. The kernel reads pinned host memory
+  through UVA, as vLLM's ``swap_blocks_triton`` does, and where vLLM measured it to
+  beat the copy engine.
 
 Hybrid models (vLLM's hybrid allocator, several KV-cache groups) give each group its
 own block ids for the same token block: every segment belongs to one group, segments
@@ -251,12 +255,15 @@ def torch_load(
         if start is not None:
             src = src[start : start + n]
         else:
-            src = _words(src).index_select(0, group_rows.to(src.device)).view(src.dtype)
+            src = _words(src).index_select(
+                0, group_rows.to(src.device, non_blocking=True)).view(src.dtype)
             ops += 1
         if src.device != seg.source.device:
             src = src.to(seg.source.device, non_blocking=pages.is_pinned())
             ops += 1
-        _scatter_rows(seg.source, group_ids.to(seg.source.device), src)
+        # Non-blocking: the driver stages a pageable upload before returning, so the
+        # CPU ids may go at once, and no host sync is spent per segment.
+        _scatter_rows(seg.source, group_ids.to(seg.source.device, non_blocking=True), src)
         ops += 1
     return ops
 
@@ -270,20 +277,51 @@ def _present(ids: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 # -- choosing ----------------------------------------------------------------------------
-def pick_backend(segments: Sequence[Segment], pages: torch.Tensor) -> str:
-    """"triton" when every segment is a raw run on a CUDA cache and the pages are
-    reachable from the device (pinned host memory or device memory) with 8-byte
-    alignment; "torch" otherwise."""
+# vLLM's measurements on H100 PCIe Gen5 (v1/kv_offload/cpu/swap_blocks_triton.py and
+# gpu_worker.py): the Triton UVA kernel beats the copy engine only host -> device, for
+# payloads under 28 KiB per descriptor, from 16 descriptors on; the copy engine wins
+# every device -> host copy.
+TRITON_MAX_SEGMENT_BYTES = 28 * 1024
+TRITON_MIN_DESCRIPTORS = 16
+# Forces a backend where it can serve the job (benchmarks compare them on one GPU).
+BACKEND_ENV = "SYMRAM_BLOCK_COPY"
+BACKENDS = ("auto", "triton", "staged", "torch")
+
+
+def pick_backend(
+    segments: Sequence[Segment], pages: torch.Tensor, *, to_pages: bool = False,
+    blocks: int = TRITON_MIN_DESCRIPTORS,
+) -> str:
+    """"torch", "staged" or "triton" for a job of `blocks` blocks (a save when
+    `to_pages`). A CPU cache, or pages on the cache's own device: torch index ops. A
+    CUDA cache and host pages: triton for loads of many small segments from pinned
+    pages (8-byte aligned), staged DMA otherwise. ``$SYMRAM_BLOCK_COPY`` (auto,
+    triton, staged, torch) forces a backend that can serve the job."""
     if not segments or segments[0].source.device.type != "cuda":
         return "torch"
-    if not triton_capability().available:
+    forced = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if forced not in BACKENDS:
+        logger.warning("%s=%s is not one of %s; using auto", BACKEND_ENV, forced,
+                       ", ".join(BACKENDS))
+        forced = "auto"
+    if forced == "torch" or pages.device.type != "cpu":
         return "torch"
-    if not (pages.is_cuda or pages.is_pinned()):
-        return "torch"
+    uva = _triton_can_serve(segments, pages)
+    if forced == "triton" and uva:
+        return "triton"
+    small = max(seg.nbytes for seg in segments) < TRITON_MAX_SEGMENT_BYTES
+    many = blocks * len(segments) >= TRITON_MIN_DESCRIPTORS
+    if forced == "auto" and uva and not to_pages and small and many:
+        return "triton"
+    return "staged"
+
+
+def _triton_can_serve(segments: Sequence[Segment], pages: torch.Tensor) -> bool:
+    """The UVA kernel reads pinned host pages and raw, 8-byte aligned segments."""
+    if not pages.is_pinned() or not triton_capability().available:
+        return False
     aligned = pages.data_ptr() % 8 == 0 and pages.stride(0) % 8 == 0
-    if not aligned or not all(_word_aligned(seg) for seg in segments):
-        return "torch"
-    return "triton"
+    return aligned and all(_word_aligned(seg) for seg in segments)
 
 
 def _word_aligned(seg: Segment) -> bool:
@@ -325,10 +363,15 @@ def save_blocks(
     check_ids(ids_t, rows_t, segments[0].source.shape[0], pages.shape[0], groups=groups)
     if ids_t.numel() == 0:
         return 0
-    if pick_backend(segments, pages) == "triton":
+    backend = pick_backend(segments, pages, to_pages=True, blocks=ids_t.shape[1])
+    if backend == "triton":
         from symram_vllm.kernels import block_copy_triton
 
         return block_copy_triton.save(segments, ids_t, pages, rows_t)
+    if backend == "staged":
+        from symram_vllm.kernels import block_copy_staged
+
+        return block_copy_staged.save(segments, ids_t, pages, rows_t)
     device = segments[0].source.device
     return torch_save(segments, ids_t.to(device), pages, rows_t)
 
@@ -348,10 +391,15 @@ def load_blocks(
     written = ids_t[ids_t >= 0]
     if written.unique().numel() != written.numel():
         raise BlockCopyError(f"a load writes each engine block once, got ids {ids_t.tolist()}")
-    if pick_backend(segments, pages) == "triton":
+    backend = pick_backend(segments, pages, blocks=ids_t.shape[1])
+    if backend == "triton":
         from symram_vllm.kernels import block_copy_triton
 
         return block_copy_triton.load(segments, pages, rows_t, ids_t)
+    if backend == "staged":
+        from symram_vllm.kernels import block_copy_staged
+
+        return block_copy_staged.load(segments, pages, rows_t, ids_t)
     return torch_load(segments, pages, rows_t, ids_t)
 
 

@@ -90,7 +90,10 @@ def as_index(
     """Ids as an int64 tensor on `device`, checked to lie in [0, limit).
 
     An out-of-range id in a Triton kernel would be a wild write, so ids are always
-    checked: in Python for a list, with one host sync for a CUDA tensor.
+    checked: in Python for a list, on the host for a CPU tensor, with one host sync for
+    a CUDA tensor. Host ids go up without a sync (a pageable upload is staged by the
+    driver before it returns), so callers that move many layers with the same ids
+    pass them as CPU tensors: checked and uploaded per call, never waited for.
     """
     if isinstance(ids, torch.Tensor):
         if ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 1:
@@ -101,11 +104,11 @@ def as_index(
             low, high = (int(v) for v in torch.aminmax(ids))
             if low < 0 or high >= limit:
                 raise IndexError(f"{what} out of range [0, {limit}): {ids.tolist()}")
-        return ids.to(device=device, dtype=torch.int64)
+        return ids.to(device=device, dtype=torch.int64, non_blocking=True)
     values = [int(i) for i in ids]
     if limit is not None and any(i < 0 or i >= limit for i in values):
         raise IndexError(f"{what} out of range [0, {limit}): {values}")
-    return torch.tensor(values, dtype=torch.int64, device=device)
+    return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
 
 
 def check_cache(kv: torch.Tensor, name: str) -> tuple[int, int, int, int]:

@@ -255,6 +255,27 @@ class KvikioFileIO:
                 os.close(fd)
 
 
+def probe_kvikio_io(directory: Path) -> Capability:
+    """kvikio can import yet fail on a file system (no O_DIRECT, no cuFile driver, a
+    missing libcufile): one small write and read back in `directory` decides."""
+    path = directory / f".kvikio-probe-{os.getpid()}-{threading.get_ident()}"
+    data = bytes(range(256)) * 16
+    try:
+        io = KvikioFileIO()
+        try:
+            io.write_new(path, memoryview(data), fsync=False)
+            out = bytearray(len(data))
+            got = io.read_into(path, [memoryview(out)])
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    except Exception as exc:  # any failure means: not here
+        return Capability(False, f"{type(exc).__name__}: {exc}")
+    if got != len(data) or bytes(out) != data:
+        return Capability(False, f"a {len(data)}-byte round trip read back {got} other bytes")
+    return Capability(True, f"{len(data)}-byte round trip in {directory}")
+
+
 def choose_backend(requested: str, kvikio: Capability) -> tuple[str, str]:
     """Pick "posix" or "kvikio" for `requested` in {"auto", "posix", "kvikio"}."""
     if requested == "posix":
@@ -278,7 +299,12 @@ def open_file_io(directory: Path, backend: str, direct_io: str) -> tuple[FileIO,
     {auto, on, off}. Returns the backend and a one-line reason for the logs."""
     name, reason = choose_backend(backend, capability.kvikio_capability())
     if name == "kvikio":
-        return KvikioFileIO(), reason
+        probe = probe_kvikio_io(directory)
+        if probe.available:
+            return KvikioFileIO(), reason
+        logger.warning("kvikio imports but cannot do I/O in %s (%s); using POSIX I/O",
+                       directory, probe.reason)
+        reason = f"kvikio unusable here: {probe.reason}"
     if direct_io == "off":
         return PosixFileIO(False), f"{reason}; O_DIRECT off by config"
     probe = probe_direct_io(directory)
