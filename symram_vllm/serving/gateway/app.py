@@ -19,11 +19,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -33,21 +31,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from symram_vllm.serving.gateway import api_routes
-from symram_vllm.serving.gateway.auth import Authenticator, Principal
-from symram_vllm.serving.gateway.backends import Backend, BackendPool
+from symram_vllm.serving.gateway.auth import Authenticator
+from symram_vllm.serving.gateway.backends import BackendPool
 from symram_vllm.serving.gateway.config import GatewayConfig
 from symram_vllm.serving.gateway.dashboard import STATIC_DIR, Timeline, dashboard_html, occupancy
 from symram_vllm.serving.gateway.directory_locator import make_locator
 from symram_vllm.serving.gateway.errors import GatewayError
+from symram_vllm.serving.gateway.forwarding import REQUEST_ID_HEADER, Attempt, Forwarder
 from symram_vllm.serving.gateway.keys import tier_keys
 from symram_vllm.serving.gateway.limits import RateLimiter, read_body
 from symram_vllm.serving.gateway.locator import (
     ControlLocator,
     LocateQuery,
-    PrefixHit,
     PrefixLocator,
 )
 from symram_vllm.serving.gateway.metrics import GatewayMetrics
+from symram_vllm.serving.gateway.prepared import Prepared, tokens_used
 from symram_vllm.serving.gateway.prompt import prompt_tokens
 from symram_vllm.serving.gateway.proxy import (
     ClientGone,
@@ -57,6 +56,7 @@ from symram_vllm.serving.gateway.proxy import (
     response_headers,
     unless_disconnected,
 )
+from symram_vllm.serving.gateway.request_body import bad, check_types, parse_body
 from symram_vllm.serving.gateway.routing import RouteDecision, Router
 from symram_vllm.serving.gateway.upstream import FastUpstream
 
@@ -64,16 +64,7 @@ logger = logging.getLogger("symram.gateway")
 
 ROUTE_HEADER = "x-symram-route"
 PREFETCH_HEADER = "x-symram-prefetch"
-REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
-_JSON_STRING = re.compile(rb'"[^"\\\\]*(?:\\\\.[^"\\\\]*)*"')  # unrolled: linear and fast
-_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
-_DEPTH_STEP = np.zeros(256, dtype=np.int32)
-_DEPTH_STEP[list(b"[{")], _DEPTH_STEP[list(b"]}")] = 1, -1
-MAX_JSON_DEPTH = 128  # OpenAI bodies nest a few levels; Python's parsers recurse per level
-RETRY_STATUSES = frozenset({502, 503, 504})
-FORWARD_HEADERS = ("accept", "traceparent", "tracestate", "user-agent")
 KNOWN_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
                "/dashboard", "/dashboard/data", *api_routes.PATHS)
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
@@ -125,143 +116,6 @@ class RequestIdMiddleware:
             await error.response()(scope, receive, send_with_id)
 
 
-@dataclass
-class Attempt:
-    """One backend's in-flight slot for a request; released exactly once."""
-
-    backend: Backend
-    metrics: GatewayMetrics
-    released: bool = False
-
-    def __post_init__(self) -> None:
-        self.backend.inflight += 1
-        self.metrics.inflight.labels(self.backend.name).set(self.backend.inflight)
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.backend.inflight -= 1
-            self.metrics.inflight.labels(self.backend.name).set(self.backend.inflight)
-
-
-@dataclass
-class Prepared:
-    """A validated request, ready to route."""
-
-    endpoint: str
-    path: str
-    body: dict[str, Any]
-    principal: Principal
-    stream: bool
-    started: float
-    request_id: str
-    session: str | None
-    candidates: list[Backend]
-    tokens: list[int] | None = None
-    charged_tokens: int = 0  # prompt + max_tokens x n: the worst case
-    taken_tokens: int = 0  # what the token bucket actually gave (at most its capacity)
-    prompt_estimate: int = 0
-    keys: dict[str, list[bytes]] = field(default_factory=dict)
-    hits: dict[str, PrefixHit] = field(default_factory=dict)
-
-
-def _bad(message: str, param: str | None = None, code: str = "invalid_request") -> GatewayError:
-    return GatewayError(400, message, param=param, code=code, reason="invalid_request")
-
-
-def _check_types(endpoint: str, body: dict[str, Any], cap: int | None, max_n: int) -> None:
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise _bad("'model' is required and must be a non-empty string.", "model")
-    if endpoint in api_routes.ROUTES.values():
-        api_routes.check_body(endpoint, body, cap)
-    elif endpoint == "chat":
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise _bad("'messages' is required and must be a non-empty array.", "messages")
-        if not all(isinstance(m, dict) for m in messages):
-            raise _bad("Each entry of 'messages' must be an object with 'role' and 'content'.",
-                       "messages")
-    else:
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str | list) or prompt in ("", []):
-            raise _bad("'prompt' is required: a string, an array of strings, an array of "
-                       "token ids, or an array of such arrays.", "prompt")
-    if "stream" in body and not isinstance(body["stream"], bool | type(None)):
-        raise _bad(f"'stream' must be a boolean, got {type(body['stream']).__name__}.",
-                   "stream")
-    for name in ("max_tokens", "max_completion_tokens", "n"):
-        value = body.get(name)
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise _bad(f"'{name}' must be a positive integer, got {value!r}.", name)
-        if cap is not None and name != "n" and value > cap:
-            raise _bad(f"'{name}' is {value}, above this gateway's limit of {cap}.", name)
-        if name == "n" and value > max_n:
-            raise _bad(f"'n' is {value}, above this gateway's limit of {max_n}.", name)
-    for name in ("user", "cache_salt"):
-        value = body.get(name)
-        if value is not None and (not isinstance(value, str) or not value):
-            raise _bad(f"'{name}' must be a non-empty string.", name)
-    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
-        raise _bad("'stream_options' must be an object.", "stream_options")
-
-
-def json_depth(raw: bytes) -> int:
-    """Deepest bracket nesting of a JSON text (strings skipped), all at C speed: an
-    8 MiB body of brackets takes tens of milliseconds, less than parsing it."""
-    brackets = _JSON_STRING.sub(b"", raw).translate(None, delete=_NOT_BRACKETS)
-    if not brackets:
-        return 0
-    steps = _DEPTH_STEP[np.frombuffer(brackets, dtype=np.uint8)]
-    return int(np.cumsum(steps, dtype=np.int32).max())
-
-
-def parse_body(raw: bytes) -> dict[str, Any]:
-    """The request's JSON object, or an OpenAI-shaped 400 for anything else: bad JSON,
-    nesting deeper than the parser's recursion limit, or a lone UTF-16 surrogate (which
-    JSON escapes allow and no UTF-8 encoder does)."""
-    too_deep = _bad(f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.",
-                    code="invalid_json")
-    try:
-        body = json.loads(raw)  # fails fast (RecursionError) past ~990 levels
-    except RecursionError:
-        raise too_deep from None
-    except ValueError as exc:
-        raise _bad(f"We could not parse the JSON body of your request ({exc}). The body "
-                   "must be a JSON object.", code="invalid_json") from None
-    # What parsed may still be too deep to re-encode later, a few frames further down.
-    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth(raw) > MAX_JSON_DEPTH:
-        raise too_deep
-    if not isinstance(body, dict):
-        raise _bad(f"The request body must be a JSON object, got {type(body).__name__}.",
-                   code="invalid_json")
-    # Only a \uD800-\uDFFF escape can carry a surrogate (raw surrogate bytes are
-    # invalid UTF-8 and fail above), so the full check runs only when one is present.
-    if _SURROGATE_ESCAPE.search(raw):
-        try:
-            json.dumps(body, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise _bad("The JSON body holds a lone UTF-16 surrogate (a \\uD800-\\uDFFF "
-                       "escape without its pair); send valid Unicode.",
-                       code="invalid_unicode") from None
-    return body
-
-
-def tokens_used(prep: Prepared, usage: dict[str, Any] | None, seen_events: int,
-                status: int) -> int:
-    """What a finished request counts against its token limit: the engine's usage when
-    it reported one; nothing when the engine refused it; otherwise the worst case
-    (prompt + max_tokens x n), or more if more content events were seen."""
-    total = api_routes.usage_total(usage)  # OpenAI total_tokens, Anthropic input + output
-    if total is not None:
-        return total
-    if status != 200:
-        return 0
-    return max(prep.charged_tokens, prep.prompt_estimate + seen_events)
-
-
 class Gateway:
     def __init__(
         self,
@@ -305,6 +159,8 @@ class Gateway:
         self.route_counts: dict[str, int] = {}
         self.instance_routes: dict[str, dict[str, int]] = {}
         self.response_owners = api_routes.ResponseOwners()
+        self.forwarder = Forwarder(config, self.upstream, self.control, self.control_headers,
+                                   self.pool, self.metrics, self.route)
         self.pool.stats_listeners.append(
             lambda backend, stats, now: self.timeline.record(backend.name, stats, now))
         self.pool.health_listeners.append(
@@ -339,7 +195,7 @@ class Gateway:
         raw = await read_body(request, self.config.limits.max_body_bytes)
         body = parse_body(raw)
         limits = self.config.limits
-        _check_types(endpoint, body, limits.max_tokens_cap, limits.max_n)
+        check_types(endpoint, body, limits.max_tokens_cap, limits.max_n)
         model = body["model"]
         candidates = self.pool.serving(model)
         owner = self.response_owners.owner(body.get("previous_response_id"))
@@ -443,97 +299,6 @@ class Gateway:
         mine = self.instance_routes.setdefault(name, {})
         mine[decision.reason] = mine.get(decision.reason, 0) + 1
 
-    async def prefetch(self, prep: Prepared, decision: RouteDecision) -> str | None:
-        """Promote the part of the chosen engine's prefix that is only on disk."""
-        cfg = self.config.routing
-        hit, backend = decision.hit, decision.backend
-        keys = prep.keys.get(backend.name) or []
-        if not cfg.prefetch or hit.any - hit.dram < cfg.min_prefetch_blocks or not keys:
-            return None
-        wanted = [k.hex() for k in keys[hit.dram:hit.any]]
-        resident = 0
-        try:
-            for url in backend.control_rank_urls():
-                response = await self.control.post(
-                    f"{url}/symram/prefetch", json={"keys": wanted, "wait_s": cfg.prefetch_wait_s},
-                    timeout=cfg.prefetch_wait_s + self.config.timeouts.health_timeout_s,
-                    headers=self.control_headers)
-                response.raise_for_status()
-                data = response.json()
-                resident = int(data["dram_resident"])
-                self.metrics.prefetched_blocks.labels(backend.name).inc(int(data["promoted"]))
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-            self.metrics.prefetches.labels(backend.name, "failed").inc()
-            logger.debug("prefetch on %s failed: %r", backend.name, exc)
-            return f"requested={len(wanted)};failed"
-        outcome = "complete" if resident >= len(wanted) else "partial"
-        self.metrics.prefetches.labels(backend.name, outcome).inc()
-        return f"requested={len(wanted)};resident={resident}"
-
-    # -- forwarding ------------------------------------------------------------------------
-    def _upstream_request(self, prep: Prepared, backend: Backend, request: Request
-                          ) -> httpx.Request:
-        headers = {"content-type": "application/json", "accept-encoding": "identity",
-                   REQUEST_ID_HEADER: prep.request_id}
-        for name in FORWARD_HEADERS:
-            if name in request.headers:
-                headers[name] = request.headers[name]
-        return self.upstream.build_request(
-            "POST", f"{backend.url}{prep.path}", content=json.dumps(prep.body).encode(),
-            headers=headers)
-
-    async def forward(
-        self, prep: Prepared, decision: RouteDecision, request: Request
-    ) -> tuple[httpx.Response, RouteDecision, Attempt, str | None]:
-        """Open the upstream response (headers received), retrying on another engine
-        while nothing has been sent to the client."""
-        tried: list[str] = []
-        while True:
-            backend = decision.backend
-            attempt = Attempt(backend, self.metrics)
-            failure: str
-            try:
-                prefetch = await self.prefetch(prep, decision)
-                upstream = await self.upstream.send(
-                    self._upstream_request(prep, backend, request), stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError,
-                    httpx.ReadError, httpx.WriteError) as exc:
-                attempt.release()
-                failure = type(exc).__name__
-                self.metrics.upstream_errors.labels(backend.name, failure).inc()
-                self.pool.mark_failed(backend, f"{failure}: {exc}")
-            except httpx.TimeoutException as exc:
-                attempt.release()
-                self.metrics.upstream_errors.labels(backend.name, "timeout").inc()
-                raise GatewayError(504, f"Engine {backend.name} did not answer within the "
-                                   f"gateway's timeout ({type(exc).__name__}).",
-                                   code="upstream_timeout", reason="upstream_timeout") from None
-            except BaseException:
-                attempt.release()
-                raise
-            else:
-                if upstream.status_code not in RETRY_STATUSES or \
-                        len(tried) >= self.config.routing.max_retries:
-                    return upstream, decision, attempt, prefetch
-                await upstream.aclose()
-                attempt.release()
-                failure = f"http_{upstream.status_code}"
-                self.metrics.upstream_errors.labels(backend.name, failure).inc()
-            tried.append(backend.name)
-            if len(tried) > self.config.routing.max_retries:
-                raise GatewayError(502, f"Engine {backend.name} failed ({failure}) and no "
-                                   "retry is left.", code="upstream_unavailable",
-                                   reason="upstream_failed")
-            try:
-                decision = replace(self.route(prep, tuple(tried)), retry_of=backend.name)
-            except GatewayError:
-                raise GatewayError(502, f"Engine {backend.name} failed ({failure}) and no other "
-                                   "engine can take the request.", code="upstream_unavailable",
-                                   reason="upstream_failed") from None
-            self.metrics.retries.labels(decision.backend.name).inc()
-            logger.warning("request %s: %s failed (%s), retrying on %s", prep.request_id,
-                           backend.name, failure, decision.backend.name)
-
     def _finish(self, prep: Prepared, decision: RouteDecision, usage: dict[str, Any] | None,
                 first_content_at: float | None, outcome: str, seen_events: int = 0,
                 status: int = 200) -> None:
@@ -560,7 +325,8 @@ class Gateway:
             await self.locate(prep)
             first = self.route(prep)
             self._record_route(first)
-            upstream, decision, attempt, prefetch = await self.forward(prep, first, request)
+            upstream, decision, attempt, prefetch = await self.forwarder.forward(
+                prep, first, request)
             if prep.stream and upstream.status_code == 200:
                 return upstream, decision, attempt, prefetch, None
             try:
@@ -665,7 +431,7 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> Response:
         gateway.metrics.rejections.labels("invalid_request").inc()
-        return _bad("; ".join(str(e.get("msg")) for e in exc.errors())).response()
+        return bad("; ".join(str(e.get("msg")) for e in exc.errors())).response()
 
     def endpoint(kind: str) -> Callable[[Request], Awaitable[Response]]:
         async def handler(request: Request) -> Response:
