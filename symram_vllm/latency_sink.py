@@ -1,10 +1,11 @@
 """Latency histograms, recorded where the work happens and shipped as bucket counts.
 
-A page get (``store.py``), a load job and a save job (``connectors/worker.py``) each
-``record(name, seconds)``. ``drain()`` hands the counts gathered since the last call to
-the connector's stats (``connectors/vllm_stats.py``), which crosses vLLM's IPC as plain
-lists and becomes a real Prometheus histogram in vLLM's ``/metrics``: buckets add up
-across ranks and engines, which quantile gauges cannot.
+A page get (``store.py``), a load job and a save job (``connectors/job_tracker.py``, as
+it takes their outcomes) each ``record(name, seconds)``. ``drain()`` hands the counts
+gathered since the last call to the connector's stats (``connectors/vllm_stats.py``),
+which crosses vLLM's IPC as plain lists and becomes a real Prometheus histogram in
+vLLM's ``/metrics``: buckets add up across ranks and engines, which quantile gauges
+cannot.
 
 Each bucket keeps the count and the sum of its samples, so the exporter can replay the
 bucket's mean ``count`` times: exact counts per bucket and an exact sum, in O(buckets)

@@ -168,7 +168,7 @@ def drain(worker, finished=frozenset()):
         done_sending, done_recving = worker.get_finished(set(finished))
         sending |= done_sending
         recving |= done_recving
-        if not worker._loads and not worker._saves:
+        if not worker.jobs.loads and not worker.jobs.saves:
             return sending, recving
         time.sleep(0.01)
     raise AssertionError("transfers did not finish")
@@ -229,7 +229,7 @@ def test_worker_holds_finished_requests_until_their_saves_complete():
     worker.submit_saves(SymramConnectorMetadata(
         saves=[BlockJob("r1", [1], [b"\x01" * 32])], delayed_free=[]))
     worker.handle_preemptions(SymramConnectorMetadata(preempted=["r1"]))  # waits for the copy
-    assert all(f.done() for _, f in worker._saves["r1"])
+    assert all(f.done() for _, f in worker.jobs.saves["r1"])
     worker.submit_saves(SymramConnectorMetadata(delayed_free=["r1"]))
     sending, _ = drain(worker, {"r1"})
     if not sending:

@@ -87,7 +87,7 @@ def test_a_future_that_raises_still_fails_its_blocks():
     future: Future = Future()
     future.set_exception(RuntimeError("runner broke"))
     job = BlockJob("r", [3, 4], KEYS[:2])
-    worker._loads["r"] = (job, future)
+    worker.jobs.loads["r"] = (job, future)
     _, recving = worker.get_finished(set())
     assert recving == {"r"} and worker.take_load_errors() == {3, 4}
 

@@ -48,7 +48,7 @@ def drain(worker: WorkerSide) -> set[str]:
     for _ in range(500):
         _, got = worker.get_finished(set())
         recving |= got
-        if not worker._loads and not worker._saves:
+        if not worker.jobs.loads and not worker.jobs.saves:
             return recving
         time.sleep(0.01)
     raise AssertionError("transfers did not finish")

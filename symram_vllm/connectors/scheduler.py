@@ -15,19 +15,27 @@ directory is an ``AsyncDirectory`` (in-process view and queues; one background
 round trip per step). A fleet lookup is answered at a later step: until then a
 waiting request is skipped for at most ``FLEET_WAIT_S`` (vLLM asks again), after
 which it goes ahead with what is known locally.
+
+This class answers vLLM's scheduler hooks and keeps the per-request state; the
+save decisions are ``SavePlanner``'s, the hybrid allocator's block ids are read by
+``hybrid_blocks``, and the workers' reports reach the directory through
+``DirectoryFeed``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from symram_vllm.bypass import bypass_active
+from symram_vllm.connectors.directory_feed import DirectoryFeed
+from symram_vllm.connectors.hybrid_blocks import allocated_blocks, load_targets
 from symram_vllm.connectors.kv_events import TierEventLog
 from symram_vllm.connectors.metadata import BlockJob, SymramConnectorMetadata, SymramWorkerMetadata
+from symram_vllm.connectors.request_state import RequestState
 from symram_vllm.connectors.residency import RankReports
+from symram_vllm.connectors.save_planner import SavePlanner
 from symram_vllm.directory import Directory, EmbeddedDirectory
 from symram_vllm.directory.async_directory import AsyncDirectory
 from symram_vllm.keys import chain_keys
@@ -46,27 +54,10 @@ logger = logging.getLogger(__name__)
 # round trip, normally a millisecond): a fleet hit saves a prefill, which costs far
 # more, so waiting is worth it, but a slow or dead Redis must not hold requests back.
 FLEET_WAIT_S = 0.5
-# vLLM's null block: what a sliding-window group's block table holds for blocks that
-# left the window (block 0 of the pool is reserved for it, never allocated).
-NULL_BLOCK_ID = 0
 # After a worker said tier writes are still running, keep the engine stepping this
 # long (idle steps are throttled) so their events reach the directory while idle.
 PENDING_GRACE_S = 1.0
 IDLE_STEP_PAUSE_S = 0.01
-
-
-@dataclass
-class RequestState:
-    request: Request
-    keys: list[bytes] = field(default_factory=list)
-    local_computed_tokens: int = 0
-    # Leading blocks already handled for saving (saved, scheduled, or present).
-    save_cursor: int = 0
-    has_jobs: bool = False
-    # Keys leased in the directory for this request's pending load.
-    leased: list[bytes] = field(default_factory=list)
-    # When this request first waited for a fleet answer (monotonic seconds).
-    fleet_wait_since: float | None = None
 
 
 class SchedulerSide:
@@ -94,27 +85,38 @@ class SchedulerSide:
         # Not `directory or ...`: an empty directory is falsy (its __len__ is 0).
         if directory is None:
             directory = EmbeddedDirectory()
-        self.directory = (directory if isinstance(directory, AsyncDirectory)
-                          else AsyncDirectory(directory))
+        self._directory = (directory if isinstance(directory, AsyncDirectory)
+                           else AsyncDirectory(directory))
         # Bytes of one page (all TP ranks' shards count once: dedupe is per block).
         self.page_bytes = page_bytes
         # The directory's name for this engine's disk tier: "disk.<store id>" when
         # engines share the disk_path (then it is one of the shared tiers), else "disk".
         self.disk_tier = disk_tier
-        self.shared_tiers = shared_tiers
         self._counters: dict[str, float] = {}
         self._worker_busy_until = 0.0
         self.kv_cache_manager: KVCacheManager | None = None
         self._requests: dict[str, RequestState] = {}
         self._pending_loads: list[BlockJob] = []
         self._delayed_free: list[str] = []
-        # Chain keys sent to workers for saving and not yet acknowledged.
-        self._saving: set[bytes] = set()
         self.lookups = 0
         self.hit_tokens = 0
         self.events = TierEventLog(block_size)
         # Stores complete when every tensor-parallel rank has reported its shard.
         self.reports = RankReports(tp_size)
+        self.saves = SavePlanner(block_size, config, self.directory, self.events, self._count,
+                                 page_bytes=page_bytes, num_groups=num_groups)
+        self.feed = DirectoryFeed(self.directory, self.reports, self.events, self._count,
+                                  disk_tier=disk_tier, shared_tiers=shared_tiers)
+
+    @property
+    def directory(self) -> AsyncDirectory:
+        return self._directory
+
+    @directory.setter
+    def directory(self, directory: AsyncDirectory) -> None:
+        # One directory for the whole half: replacing it (tests wrap it to count
+        # calls) replaces the save planner's and the feed's too.
+        self._directory = self.saves.directory = self.feed.directory = directory
 
     def seed_from_disk(self, tp_size: int) -> int:
         """Warm restart: blocks already on every rank's disk tier count as held.
@@ -218,7 +220,8 @@ class SchedulerSide:
             )
         job = BlockJob(request.request_id, list(block_ids), keys, list(range(start, start + count)))
         if self.num_groups > 1:
-            job.group_block_ids = self._load_targets(request, all_ids, start, count)
+            job.group_block_ids = load_targets(
+                request.request_id, self.windowed_groups, all_ids, start, count)
             job.block_ids = job.group_block_ids[0]
         self._pending_loads.append(job)
         state.has_jobs = True
@@ -229,30 +232,6 @@ class SchedulerSide:
                                         self.page_bytes)
         state.save_cursor = max(state.save_cursor, start + count)
         self.hit_tokens += num_external_tokens
-
-    def _load_targets(
-        self, request: Request, all_ids: tuple[list[int], ...], start: int, count: int
-    ) -> list[list[int]]:
-        """Every group's block ids for a load of `count` blocks from `start`; -1 where
-        a windowed group left a block unallocated (outside its window at the hit's
-        end: nothing to load there)."""
-        targets: list[list[int]] = []
-        for group, ids in enumerate(all_ids):
-            part = list(ids[start : start + count])
-            if len(part) != count:
-                raise RuntimeError(
-                    f"symram: request {request.request_id} has {len(part)} block ids in "
-                    f"KV-cache group {group} for a {count}-block load from block {start}"
-                )
-            if group in self.windowed_groups:
-                part = [-1 if b == NULL_BLOCK_ID else b for b in part]
-            elif NULL_BLOCK_ID in part:
-                raise RuntimeError(
-                    f"symram: request {request.request_id} got vLLM's null block in "
-                    f"full-attention KV-cache group {group} for a load from block {start}"
-                )
-            targets.append(part)
-        return targets
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> SymramConnectorMetadata:
         meta = SymramConnectorMetadata(
@@ -285,50 +264,8 @@ class SchedulerSide:
             return None
         if bypass_active():
             return None
-        request = state.request
-        self._state(request)  # pick up block hashes of newly appended tokens
-        full_blocks = min((computed_before + scheduled) // self.block_size, len(state.keys))
-        if not self.config.save_decode_blocks:
-            full_blocks = min(full_blocks, request.num_prompt_tokens // self.block_size)
-        if full_blocks <= state.save_cursor:
-            return None
-        all_ids = self.kv_cache_manager.get_block_ids(req_id)
-        block_ids = all_ids[0]
-        job = BlockJob(req_id, [], [])
-        if self.num_groups > 1:
-            job.group_block_ids = [[] for _ in all_ids]
-        indexes = range(state.save_cursor, min(full_blocks, *(len(ids) for ids in all_ids)))
-        if self.page_bytes and indexes:
-            # Every block that wants storing counts as logical bytes; only new ones
-            # as physical (fleet-wide with a Redis directory).
-            self.directory.record_store([state.keys[i] for i in indexes], self.page_bytes)
-        candidates = [i for i in indexes if state.keys[i] not in self._saving]
-        # In-process: held here, or usable per a recent fleet answer. A stale "no"
-        # costs a redundant save (the worker skips pages it holds), never a wrong token.
-        held = self.directory.held_local([state.keys[i] for i in candidates])
-        for index, known in zip(candidates, held, strict=True):
-            key = state.keys[index]
-            if known or key in self._saving:
-                continue
-            if job.group_block_ids is not None:
-                ids_at = [ids[index] for ids in all_ids]
-                if NULL_BLOCK_ID in ids_at:
-                    # A windowed group already freed this block: the page would not be
-                    # whole, so it is not stored (a later hit stops before it).
-                    self._count("save_window_missed_blocks")
-                    continue
-                for group, block in zip(job.group_block_ids, ids_at, strict=True):
-                    group.append(block)
-            self._saving.add(key)
-            job.block_ids.append(block_ids[index])
-            job.keys.append(key)
-            job.positions.append(index)
-            self.events.saving(key, request, index)
-        state.save_cursor = full_blocks
-        if not job.keys:
-            return None
-        state.has_jobs = True
-        return job
+        self._state(state.request)  # pick up block hashes of newly appended tokens
+        return self.saves.plan(state, computed_before, scheduled, self.kv_cache_manager)
 
     def update_connector_output(
         self,
@@ -342,41 +279,8 @@ class SchedulerSide:
         if worker_meta is None:
             return
         self._worker_busy_until = time.monotonic() + PENDING_GRACE_S if worker_meta.pending else 0.0
-        directory = self.directory
-        self._saving.difference_update(worker_meta.processed)
-        stored, removed = self.reports.apply(worker_meta.events)
-        if removed["local"]:
-            # Gone from this engine's DRAM and disk slot; a copy in Redis (or in a
-            # peer's slot) is still there, so only this engine's locations go.
-            directory.unregister_own(removed["local"], "dram")
-            directory.unregister_own(removed["local"], self.disk_tier)
-            self.events.removed(removed["local"])
-        if removed["disk"]:
-            directory.unregister_own(removed["disk"], self.disk_tier)
-        if removed["redis"]:
-            # One copy fleet-wide: evicted means gone for every engine.
-            directory.unregister(removed["redis"], "redis")
-            self._count("redis_removed_blocks", len(removed["redis"]))
-        if worker_meta.load_failed:
-            # The directory promised pages no tier could deliver intact: forget this
-            # engine's locations and the shared ones, so nobody is misled again.
-            failed = worker_meta.load_failed
-            directory.unregister(failed)
-            for tier in self.shared_tiers:
-                directory.unregister(failed, tier)
-            self._count("directory_stale_blocks", len(failed))
-        if stored["local"]:
-            directory.register(stored["local"], "dram")
-            self.events.stored(stored["local"])
-        if stored["disk"]:
-            directory.register(stored["disk"], self.disk_tier)
-        if stored["redis"]:
-            directory.register(stored["redis"], "redis")
-        done = set(stored["local"])
-        self.events.dropped([
-            k for k in worker_meta.processed
-            if k not in done and not self.reports.waiting("local", k)
-        ])
+        self.saves.acknowledged(worker_meta.processed)
+        self.feed.apply(worker_meta)
 
     def request_finished(self, request: Request) -> bool:
         """True when workers may still be copying this request's blocks."""
@@ -418,16 +322,3 @@ class SchedulerSide:
             gauges["directory_available"] = available
         return counters, gauges
 
-
-def allocated_blocks(scheduler_output: SchedulerOutput) -> list[int]:
-    """Engine blocks (every group) handed to requests this step: new requests' tables
-    and running requests' new blocks."""
-    blocks: set[int] = set()
-    for req in scheduler_output.scheduled_new_reqs:
-        for ids in req.block_ids:
-            blocks.update(ids)
-    for new in scheduler_output.scheduled_cached_reqs.new_block_ids:
-        for ids in new or ():
-            blocks.update(ids)
-    blocks.discard(NULL_BLOCK_ID)
-    return sorted(blocks)
