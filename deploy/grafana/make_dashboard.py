@@ -155,6 +155,16 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]]]]]] = [
             (f"max(symram:disk_write_queue_depth{SEL})", "write queue depth"),
             (f"max by (instance) (symram:bypass_active{SEL})", "bypass on {{instance}}"),
         ]),
+        # Separate links with separate backoffs: after a Redis outage the directory may
+        # be back before every worker's page-tier link (Redis-only blocks recompute).
+        ("Redis and control links", "short", [
+            (f"min by (instance) (symram:directory_available{SEL})",
+             "directory {{instance}}"),
+            (f"min by (instance) (symram:redis_tier_available{SEL})",
+             "Redis page tier {{instance}}"),
+            (f"sum by (instance) (increase(symram:control_restarts_total{SEL}[$__range]))",
+             "control restarts {{instance}}"),
+        ]),
     ]),
 ]
 
