@@ -207,6 +207,9 @@ class TieredStore:
         latency_sink.record("get", elapsed)  # symram:page_get_duration_seconds
         return rows
 
+    def remotes_reachable(self) -> bool:
+        return self.stack.remotes_reachable()
+
     def release_many(self, keys: Sequence[BlockKey]) -> None:
         self.stack.release_many(keys)
 

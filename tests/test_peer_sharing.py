@@ -243,6 +243,8 @@ def test_redis_page_tier_written_on_save_read_on_a_miss(redis_server):
         # Redis flushed under the engines: a page only Redis had is a load error.
         redis.Redis.from_url(redis_server.url).flushall()
         assert load(b, "r3", [7], KEYS[3:4]) == {7}
+        # Redis answered "not here": the directory must forget where it said it was.
+        assert settle(b).load_failed == [KEYS[3]]
     finally:
         a.shutdown()
         b.shutdown()
@@ -272,6 +274,10 @@ def test_redis_killed_mid_load_is_a_load_error_then_recovers(redis_server):
         settle(a)
         redis_server.kill()
         assert load(b, "r", [4, 5], KEYS[:2]) == {4, 5}
+        # Redis could not be asked: the pages may well be there once it is back, so
+        # the directory keeps its locations (no fleet-wide forgetting on an outage).
+        assert settle(b).load_failed == []
+        assert b.take_counters()[0]["load_unreachable_misses"] == 1
         redis_server.restart()
         deadline = time.monotonic() + 10
         while not a.store.redis_pages.tier.link.available and time.monotonic() < deadline:

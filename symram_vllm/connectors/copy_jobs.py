@@ -44,6 +44,9 @@ class JobResult:
     nonfinite: int = 0
     # The chain key whose page could not be loaded (none of the tiers had it intact).
     failed_keys: list[bytes] = field(default_factory=list)
+    # A load missed while a remote tier could not be asked: vLLM recomputes, but the
+    # directory keeps its locations (the page may well be there).
+    missed_unreachable: bool = False
     # Device copy operations and kernel launches the job issued.
     ops: int = 0
     # The job raised: a load failed all its blocks, a save dropped its pages.
@@ -137,7 +140,10 @@ class CopyJobs:
             # vLLM recomputes from the first failed block on; later blocks are unusable
             # without it, so report them all.
             result.failed_block_ids = list(job.block_ids[moved:])
-            result.failed_keys = [job.keys[moved]]
+            if store.remotes_reachable():
+                result.failed_keys = [job.keys[moved]]
+            else:
+                result.missed_unreachable = True
 
     def _stage(self, keys: list[BlockKey]) -> Future[list[int]]:
         """Hold the arena rows of `keys` (promoted into DRAM first) on the staging

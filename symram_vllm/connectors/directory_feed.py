@@ -9,7 +9,8 @@ any rank's removal counts at once. What goes where:
 * the Redis page tier: one copy fleet-wide, so an eviction forgets it for everyone;
 * keys a load found no intact page for: the directory promised what no tier could
   deliver, so this engine's locations and the shared ones are forgotten, and nobody
-  is misled again.
+  is misled again (the worker does not report a miss made while a remote tier could
+  not be asked: ``CopyJobs``).
 """
 
 from __future__ import annotations

@@ -130,6 +130,7 @@ class JobTracker:
             self._counters["load_bytes"] += result.moved_bytes
             self._counters["load_seconds"] += result.seconds
             self._counters["load_failed_blocks"] += len(result.failed_block_ids)
+            self._counters["load_unreachable_misses"] += int(result.missed_unreachable)
             if result.failed_block_ids and job.group_block_ids is not None:
                 self._failed_loads.add(job.req_id)
             else:

@@ -65,6 +65,8 @@ COUNTERS: dict[str, str] = {
     "lookup_hit_blocks": "Blocks the directory promised for loading (own and shared tiers)",
     "redis_removed_blocks": "Redis page-tier evictions removed from the directory",
     "directory_stale_blocks": "Directory locations dropped because a load could not use them",
+    "load_unreachable_misses": "Loads that missed while a remote tier (Redis) could not be "
+                               "asked: recomputed, and the directory keeps its locations",
     "transfer_ops": "Device copy operations and kernel launches issued by load and save jobs",
     "load_jobs": "Load jobs finished (each moves a request's blocks in one batch)",
     "save_jobs": "Save jobs finished (each moves a request's blocks in one batch)",

@@ -48,6 +48,7 @@ class PeerDiskReader:
     """The pages of every other slot of one rank under one disk_path (read-only)."""
 
     name = "peer_disk"
+    reachable = True  # local files: a miss is an answer
 
     def __init__(
         self,

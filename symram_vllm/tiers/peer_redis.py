@@ -74,6 +74,12 @@ class RedisPages:
     def exists(self, key: BlockKey) -> bool:
         return self.tier.exists(key)
 
+    @property
+    def reachable(self) -> bool:
+        """False while the link waits to reconnect: a read then returned a fallback,
+        not Redis's answer."""
+        return self.tier.link.available
+
     # -- writes --------------------------------------------------------------------------
     def offer(self, key: BlockKey, page: torch.Tensor) -> bool:
         """Queue a copy of `page` for Redis; False (dropped) when the queue is full or

@@ -193,6 +193,12 @@ class TierStack:
             self.counters.count("misses")
         return rows
 
+    def remotes_reachable(self) -> bool:
+        """Every remote tier can answer now: a miss is then the tiers' answer, not an
+        outage's (a load that missed while one could not must not make the directory
+        forget locations that may well be right)."""
+        return all(remote.reachable for remote in self.remotes)
+
     def release_many(self, keys: Sequence[BlockKey]) -> None:
         self.dram.release_many(keys)
 
