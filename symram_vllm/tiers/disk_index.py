@@ -3,10 +3,11 @@ hold against the budget, pins, the tier's counters, and the choice of eviction v
 
 One re-entrant lock guards all of it, and the write queue's pending map too
 (``disk_writer``): a page moves from pending to indexed under it, so a reader never
-finds it in neither place. Re-entrant because a write reserves room and commits with
-the lock held while the book's own methods take it again. The lock covers bookkeeping
-only: file I/O happens outside it, except the cheap rename that detaches an evicted
-file (``PageFiles.detach``).
+finds it in neither place. Re-entrant: eviction runs with it held and the victim
+chooser calls back into the tier (the stack's policy asks ``DiskTier.entry`` for a
+page's position), and the tier's compound steps call the book's methods while holding
+it. It covers bookkeeping only: file I/O happens outside it, except the cheap rename
+that detaches an evicted file (``PageFiles.detach``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from symram_vllm.keys import BlockKey
 from symram_vllm.tiers.base import TierStats
 from symram_vllm.tiers.disk_housekeeping import PageFiles
 from symram_vllm.tiers.disk_layout import DiskEntry
+from symram_vllm.tiers.pins import Pins
 
 VictimChooser = Callable[[list[BlockKey]], BlockKey]
 
@@ -56,22 +58,13 @@ class DiskIndex:
         self.reserved = 0
         self.stats = TierStats(bytes_capacity=budget_bytes)
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
-        self._clock = clock
-        self._pinned_until: dict[BlockKey, float] = {}
+        self.pins = Pins(clock)
 
     def count(self, name: str, n: int = 1) -> None:
         with self.lock:
             self.counters[name] += n
 
     # -- entries -------------------------------------------------------------------------
-    def get(self, key: BlockKey) -> DiskEntry | None:
-        with self.lock:
-            return self.entries.get(key)
-
-    def __contains__(self, key: BlockKey) -> bool:
-        with self.lock:
-            return key in self.entries
-
     def add_locked(self, key: BlockKey, entry: DiskEntry) -> None:
         self.entries[key] = entry
         self.bytes_used += entry.file_bytes
@@ -85,7 +78,7 @@ class DiskIndex:
     def remove_locked(self, key: BlockKey, trash: list[Path]) -> bool:
         """Drop `key` and its pin, its file detached into `trash`. True if it was indexed."""
         entry = self.entries.pop(key, None)
-        self._pinned_until.pop(key, None)
+        self.pins.unpin(key)
         if entry is None:
             return False
         self.bytes_used -= entry.file_bytes
@@ -100,7 +93,7 @@ class DiskIndex:
                 return False
             del self.entries[key]
             self.bytes_used -= entry.file_bytes
-            self._pinned_until.pop(key, None)
+            self.pins.unpin(key)
         return True
 
     # -- eviction ------------------------------------------------------------------------
@@ -120,7 +113,7 @@ class DiskIndex:
         return victims
 
     def _pick_victim(self) -> BlockKey | None:
-        eligible = (k for k in self.entries if not self.pin_active_locked(k))
+        eligible = (k for k in self.entries if not self.pins.active(k))
         if self.victim_chooser is None:
             return next(eligible, None)
         window = list(itertools.islice(eligible, self.victim_window))
@@ -129,21 +122,12 @@ class DiskIndex:
     # -- pins ----------------------------------------------------------------------------
     def pin(self, key: BlockKey, ttl_s: float | None) -> None:
         with self.lock:
-            self._pinned_until[key] = float("inf") if ttl_s is None else self._clock() + ttl_s
+            self.pins.pin(key, ttl_s)
 
     def unpin(self, key: BlockKey) -> None:
         with self.lock:
-            self._pinned_until.pop(key, None)
+            self.pins.unpin(key)
 
     def is_pinned(self, key: BlockKey) -> bool:
         with self.lock:
-            return self.pin_active_locked(key)
-
-    def pin_active_locked(self, key: BlockKey) -> bool:
-        until = self._pinned_until.get(key)
-        if until is None:
-            return False
-        if until <= self._clock():
-            del self._pinned_until[key]
-            return False
-        return True
+            return self.pins.active(key)
