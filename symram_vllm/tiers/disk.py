@@ -25,9 +25,9 @@ warning while reads continue, and one write is retried after a back-off.
 ``DiskTier`` is the Tier interface over small parts, each with one job: the book of
 pages, bytes, pins and counters under one lock (``disk_index``), the write queue and
 commit (``disk_writer``), a page into its file bytes (``page_packer``), one file read
-and verified (``disk_reader``), and the files' names and chores (``disk_housekeeping``,
-``disk_layout``). The tier wires them, rebuilds the index on open, and decides what a
-failed read costs (a miss; the file quarantined).
+and verified (``disk_reader``), the index on open (``disk_recovery``), and the files'
+names and chores (``disk_housekeeping``, ``disk_layout``). The tier wires them and
+decides what a failed read costs (a miss; the file forgotten, a corrupt one quarantined).
 """
 
 from __future__ import annotations
