@@ -1,17 +1,20 @@
 """Filesystem chores of the disk tier: the directory lock, the quarantine, quiet unlinks,
-private directories."""
+private directories, page file names and cheap detaching of doomed files."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import stat
 import time
 from pathlib import Path
 
+from symram_vllm.keys import BlockKey
+from symram_vllm.tiers.disk_layout import TMP_SUFFIX, relative_page_path
 from symram_vllm.tiers.page_format import PageCorrupt
 
 logger = logging.getLogger(__name__)
@@ -126,3 +129,45 @@ class Quarantine:
             return
         for old in kept[: max(0, len(kept) - self.max_files)]:
             unlink_quietly(old)
+
+
+class PageFiles:
+    """The names of page files under ``pages/``, and taking one out of the namespace.
+
+    A temp name carries the pid and a per-tier sequence number, so no two writers (or
+    a writer and an eviction) ever share one; the next start deletes any left behind.
+    """
+
+    def __init__(self, pages_dir: Path) -> None:
+        self.pages_dir = pages_dir
+        self._seq = itertools.count()
+
+    def path_of(self, key: BlockKey) -> Path:
+        return self.pages_dir / relative_page_path(key)
+
+    def temp_beside(self, path: Path) -> Path:
+        return path.with_name(f".{path.name}.{os.getpid()}.{next(self._seq)}{TMP_SUFFIX}")
+
+    def detach(self, key: BlockKey, trash: list[Path]) -> None:
+        """Take `key`'s file out of the namespace, cheaply (callers hold the tier's lock).
+
+        Unlinking frees blocks, which can take milliseconds (``discard`` mounts
+        issue a TRIM): that happens after the lock is released (`empty_trash`). A
+        rename first, so a new write of the same key cannot be the file that gets
+        unlinked; a crash in between leaves a temp file, which the next start deletes.
+        """
+        path = self.path_of(key)
+        doomed = self.temp_beside(path)
+        try:
+            os.rename(path, doomed)
+        except FileNotFoundError:
+            return
+        except OSError:
+            unlink_quietly(path)  # read-only or odd filesystem: best effort, in place
+            return
+        trash.append(doomed)
+
+
+def empty_trash(trash: list[Path]) -> None:
+    for path in trash:
+        unlink_quietly(path)

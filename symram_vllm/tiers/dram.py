@@ -21,6 +21,7 @@ import torch
 from symram_vllm.capability import on_numa_node_of, pinned_memory_supported
 from symram_vllm.keys import BlockKey
 from symram_vllm.tiers.base import Tier, TierStats
+from symram_vllm.tiers.pins import Pins
 
 EvictCallback = Callable[[BlockKey, torch.Tensor], None]
 # Picks the victim among the least recently used evictable keys (oldest first).
@@ -71,12 +72,11 @@ class DramTier(Tier):
         self._lru: OrderedDict[BlockKey, int] = OrderedDict()
         self._reserved: dict[BlockKey, int] = {}
         self._readers: dict[BlockKey, int] = {}
-        self._pinned_until: dict[BlockKey, float] = {}
+        self._pins = Pins(clock)
         # A min-heap: the lowest free slot goes first, so a job's rows are usually one
         # consecutive run of the arena (one copy per segment instead of a scatter).
         self._free: list[int] = list(range(num_slots))
         self._on_evict = on_evict
-        self._clock = clock
         # Scoring only the `victim_window` oldest candidates keeps eviction O(window)
         # (sampled, like Redis' approximated LRU/LFU) instead of O(slots).
         self._victim_chooser = victim_chooser
@@ -117,7 +117,7 @@ class DramTier(Tier):
             if key in self._readers or key not in self._lru:
                 return False
             slot = self._lru.pop(key)
-            self._pinned_until.pop(key, None)
+            self._pins.unpin(key)
             heapq.heappush(self._free, slot)
             return True
 
@@ -231,25 +231,16 @@ class DramTier(Tier):
         with self._lock:
             if key not in self._lru:
                 return False
-            self._pinned_until[key] = float("inf") if ttl_s is None else self._clock() + ttl_s
+            self._pins.pin(key, ttl_s)
             return True
 
     def unpin(self, key: BlockKey) -> None:
         with self._lock:
-            self._pinned_until.pop(key, None)
+            self._pins.unpin(key)
 
     def is_pinned(self, key: BlockKey) -> bool:
         with self._lock:
-            return self._pin_active(key)
-
-    def _pin_active(self, key: BlockKey) -> bool:
-        until = self._pinned_until.get(key)
-        if until is None:
-            return False
-        if until <= self._clock():
-            del self._pinned_until[key]
-            return False
-        return True
+            return self._pins.active(key)
 
     # -- eviction ----------------------------------------------------------------------
     def _take_slot(self) -> int:
@@ -268,7 +259,7 @@ class DramTier(Tier):
         )
 
     def _pick_victim(self) -> BlockKey | None:
-        eligible = (k for k in self._lru if k not in self._readers and not self._pin_active(k))
+        eligible = (k for k in self._lru if k not in self._readers and not self._pins.active(k))
         if self._victim_chooser is None:
             return next(eligible, None)  # oldest first: plain LRU
         window = list(itertools.islice(eligible, self._victim_window))
