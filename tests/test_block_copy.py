@@ -332,6 +332,17 @@ def test_backend_choice_follows_vllms_measurements(monkeypatch):
         assert pick(big, pinned, blocks=512) == load, forced
     monkeypatch.setenv(block_copy.BACKEND_ENV, "triton")  # only where the kernel can serve
     assert pick(segs(12, 2), pinned, blocks=512) == "staged"
+    # Rows scattered over the arena: the staged path would make one DMA per run (one
+    # per block here), so the kernel serves the job, saves too; a few runs stay staged.
+    monkeypatch.delenv(block_copy.BACKEND_ENV)
+    scattered = torch.arange(512) * 2
+    few_runs = torch.cat([torch.arange(100, 164), torch.arange(0, 448)])
+    assert block_copy.row_runs(scattered) == 512 and block_copy.row_runs(few_runs) == 2
+    assert pick(big, pinned, to_pages=True, blocks=512, rows=scattered) == "triton"
+    assert pick(big, pinned, blocks=512, rows=scattered) == "triton"
+    assert pick(big, pinned, to_pages=True, blocks=512, rows=few_runs) == "staged"
+    assert pick(big, _FakePages(pinned=False), blocks=512, rows=scattered) == "staged"
+    assert block_copy.row_runs(torch.tensor([], dtype=torch.int64)) == 0
 
 
 def test_staging_shrinks_next_to_a_nearly_full_gpu(monkeypatch):

@@ -283,6 +283,11 @@ def _present(ids: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch
 # every device -> host copy.
 TRITON_MAX_SEGMENT_BYTES = 28 * 1024
 TRITON_MIN_DESCRIPTORS = 16
+# The staged path makes one DMA per run of consecutive page rows. A job whose rows are
+# scattered over the arena (after churn) would take one per block, so past this many
+# runs the Triton kernel (one launch, any rows) serves it: ops stay bounded by the
+# layer count, not the block count.
+STAGED_MAX_RUNS = 8
 # Forces a backend where it can serve the job (benchmarks compare them on one GPU).
 BACKEND_ENV = "SYMRAM_BLOCK_COPY"
 BACKENDS = ("auto", "triton", "staged", "torch")
@@ -290,13 +295,15 @@ BACKENDS = ("auto", "triton", "staged", "torch")
 
 def pick_backend(
     segments: Sequence[Segment], pages: torch.Tensor, *, to_pages: bool = False,
-    blocks: int = TRITON_MIN_DESCRIPTORS,
+    blocks: int = TRITON_MIN_DESCRIPTORS, rows: torch.Tensor | None = None,
 ) -> str:
     """"torch", "staged" or "triton" for a job of `blocks` blocks (a save when
-    `to_pages`). A CPU cache, or pages on the cache's own device: torch index ops. A
-    CUDA cache and host pages: triton for loads of many small segments from pinned
-    pages (8-byte aligned), staged DMA otherwise. ``$SYMRAM_BLOCK_COPY`` (auto,
-    triton, staged, torch) forces a backend that can serve the job."""
+    `to_pages`) between engine blocks and page `rows`. A CPU cache, or pages on the
+    cache's own device: torch index ops. A CUDA cache and host pages: triton for loads
+    of many small segments from pinned pages (8-byte aligned) and for jobs whose rows
+    are scattered (more than ``STAGED_MAX_RUNS`` runs), staged DMA otherwise.
+    ``$SYMRAM_BLOCK_COPY`` (auto, triton, staged, torch) forces a backend that can
+    serve the job."""
     if not segments or segments[0].source.device.type != "cuda":
         return "torch"
     forced = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
@@ -313,7 +320,16 @@ def pick_backend(
     many = blocks * len(segments) >= TRITON_MIN_DESCRIPTORS
     if forced == "auto" and uva and not to_pages and small and many:
         return "triton"
+    if forced == "auto" and uva and rows is not None and row_runs(rows) > STAGED_MAX_RUNS:
+        return "triton"
     return "staged"
+
+
+def row_runs(rows: torch.Tensor) -> int:
+    """Runs of consecutive values in `rows` (a CPU index): the staged path's DMAs."""
+    if rows.numel() == 0:
+        return 0
+    return int((rows[1:] != rows[:-1] + 1).sum()) + 1
 
 
 def _triton_can_serve(segments: Sequence[Segment], pages: torch.Tensor) -> bool:
@@ -363,7 +379,8 @@ def save_blocks(
     check_ids(ids_t, rows_t, segments[0].source.shape[0], pages.shape[0], groups=groups)
     if ids_t.numel() == 0:
         return 0
-    backend = pick_backend(segments, pages, to_pages=True, blocks=ids_t.shape[1])
+    backend = pick_backend(segments, pages, to_pages=True, blocks=ids_t.shape[1],
+                           rows=rows_t)
     if backend == "triton":
         from symram_vllm.kernels import block_copy_triton
 
@@ -391,7 +408,7 @@ def load_blocks(
     written = ids_t[ids_t >= 0]
     if written.unique().numel() != written.numel():
         raise BlockCopyError(f"a load writes each engine block once, got ids {ids_t.tolist()}")
-    backend = pick_backend(segments, pages, blocks=ids_t.shape[1])
+    backend = pick_backend(segments, pages, blocks=ids_t.shape[1], rows=rows_t)
     if backend == "triton":
         from symram_vllm.kernels import block_copy_triton
 
