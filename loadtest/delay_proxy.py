@@ -80,9 +80,17 @@ class DelayProxy:
         except OSError:
             client_w.close()
             return
-        await asyncio.gather(_pump(client_r, upstream_w, self.delay_s),
-                             _pump(upstream_r, client_w, self.delay_s),
-                             return_exceptions=True)
+        pumps = asyncio.gather(_pump(client_r, upstream_w, self.delay_s),
+                               _pump(upstream_r, client_w, self.delay_s),
+                               return_exceptions=True)
+        try:
+            await pumps
+        except asyncio.CancelledError:
+            # `stop()`: end quietly. A handler task that ends cancelled makes asyncio's
+            # stream callback log a traceback (task.exception() raises on Python 3.11).
+            pumps.cancel()
+            client_w.close()
+            upstream_w.close()
 
     async def serve(self) -> None:
         """Serve until cancelled (the process entry point and the thread use it)."""
@@ -105,10 +113,17 @@ class DelayProxy:
         return self
 
     def stop(self) -> None:
-        if self._loop is not None and self._server is not None:
-            self._loop.call_soon_threadsafe(self._server.close)
-            for task in asyncio.all_tasks(self._loop):
-                self._loop.call_soon_threadsafe(task.cancel)
+        loop, server = self._loop, self._server
+        if loop is not None and server is not None:
+            def shut_down() -> None:
+                # On the loop's own thread: scheduling one cancel per task from here
+                # raced the loop, which could end (and close) after the first.
+                server.close()
+                for task in asyncio.all_tasks(loop):
+                    task.cancel()
+
+            with contextlib.suppress(RuntimeError):  # the loop has ended already
+                loop.call_soon_threadsafe(shut_down)
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._thread = None

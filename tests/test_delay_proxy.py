@@ -4,6 +4,7 @@ delayed once, not once per message."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -97,3 +98,23 @@ def test_a_round_trip_gains_two_one_way_delays(echo_server):
 def test_negative_delay_is_refused():
     with pytest.raises(ValueError):
         DelayProxy("127.0.0.1", 1, -0.001)
+
+
+def test_stop_with_open_connections_ends_cleanly(echo_server, caplog):
+    """Stopping cancels every connection's tasks on the proxy's own loop: done from the
+    caller's thread, one cancel at a time, the loop could end after the first and the
+    next cancel raised "Event loop is closed" (a CI failure)."""
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    for _ in range(30):
+        proxy = DelayProxy("127.0.0.1", echo_server, 0.001).start()
+        socks = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in range(4)]
+        for sock in socks:
+            sock.sendall(b"ping")
+            assert recv_exactly(sock, 4) == b"ping"
+        thread = proxy._thread
+        proxy.stop()
+        assert thread is not None and not thread.is_alive()
+        proxy.stop()  # twice is harmless
+        for sock in socks:
+            sock.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
