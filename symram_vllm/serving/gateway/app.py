@@ -325,6 +325,10 @@ class Gateway:
             await self.locate(prep)
             first = self.route(prep)
             self._record_route(first)
+            # Why this engine: what each engine was found to hold (an engine missing
+            # from `hits` could not be asked in time and counted as holding nothing).
+            logger.debug("request %s: %s; hits %s", prep.request_id, first.header(),
+                         {name: (hit.dram, hit.any) for name, hit in prep.hits.items()})
             upstream, decision, attempt, prefetch = await self.forwarder.forward(
                 prep, first, request)
             if prep.stream and upstream.status_code == 200:
