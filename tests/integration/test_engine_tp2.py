@@ -65,7 +65,7 @@ def tp2(tiny_model, artifacts_dir):
         tiny_model, artifacts_dir / "engine_tp2_symram.log", tensor_parallel_size=2,
         kv_cache_bytes=3 << 19, extra_vllm_args=NO_SPLIT,
         env={**TP_ENV, "SYMRAM_INSTANCE_ID": INSTANCE, "SYMRAM_DIRECTORY_URL": server.url,
-             "SYMRAM_REDIS__SOCKET_TIMEOUT_S": "2", "VLLM_SERVER_DEV_MODE": "1",
+             "VLLM_SERVER_DEV_MODE": "1",
              "PYTHONPATH": os.pathsep.join(filter(None, [str(SKEW),
                                                          os.environ.get("PYTHONPATH")])),
              "SYMRAM_TEST_DEFER_RANK": "1",
