@@ -110,8 +110,10 @@ def assert_prefix_route(gateway: Gateway, response: httpx.Response, holder: str)
     if (decision["instance"], decision["reason"]) != (holder, "prefix"):
         failures = [line for line in httpx.get(f"{gateway.url}/metrics").text.splitlines()
                     if line.startswith("symram_gateway_upstream_errors_total")]
+        seen = [{k: i[k] for k in ("name", "healthy", "control_ok", "last_error")}
+                for i in httpx.get(f"{gateway.url}/dashboard/data").json()["instances"]]
         raise AssertionError(f"routed {decision}, not to {holder} for its prefix; "
-                             f"upstream errors: {failures}")
+                             f"upstream errors: {failures}; engines: {seen}")
     return decision
 
 
