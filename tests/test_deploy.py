@@ -566,10 +566,13 @@ def test_managed_process_stop_kills_the_whole_group(tmp_path):
     proc = stack.ManagedProcess("stubborn", ["bash", "-c", script], tmp_path / "log",
                                 cwd=tmp_path)
     proc.start()
-    deadline = time.monotonic() + 10
-    while not (tmp_path / "grandchild").exists() and time.monotonic() < deadline:
+    # The whole line: the shell creates the file before it writes the pid into it.
+    noted = tmp_path / "grandchild"
+    deadline = time.monotonic() + 30
+    while not (noted.exists() and noted.read_text().endswith("\n")):
+        assert time.monotonic() < deadline, "the shell did not start its grandchild"
         time.sleep(0.05)
-    grandchild = int((tmp_path / "grandchild").read_text())
+    grandchild = int(noted.read_text())
     assert proc.healthy() and _alive(grandchild)
     started = time.monotonic()
     proc.stop(grace_s=1.0)
