@@ -78,7 +78,10 @@ def test_forwards_bytes_intact_and_in_order(echo_server):
 
 
 def test_a_round_trip_gains_two_one_way_delays(echo_server):
-    delay = 0.005
+    # 20 ms: host noise (a few ms on a busy host, in either median) stays small next to
+    # the delay, so the bounds can leave room for it and still tell one delay each way
+    # from one in all, or from several.
+    delay = 0.02
     direct = round_trip_s(echo_server)
     with DelayProxy("127.0.0.1", echo_server, delay) as proxy:
         proxied = round_trip_s(proxy.port)
@@ -90,8 +93,9 @@ def test_a_round_trip_gains_two_one_way_delays(echo_server):
             recv_exactly(sock, 5000)
             pipelined = time.perf_counter() - started
     added = proxied - direct
-    # Timers fire late on a loaded host, never early: a loose upper bound.
-    assert 2 * delay <= added < 2 * delay + 0.02, f"added {added * 1e3:.2f} ms"
+    # Timers fire late on a loaded host, never early (but the direct median, subtracted,
+    # may be the noisier one): a loose upper bound and a little room below.
+    assert 1.8 * delay <= added < 3.5 * delay, f"added {added * 1e3:.2f} ms"
     assert pipelined < 25 * delay  # one message at a time would take 100 x delay
 
 

@@ -566,10 +566,13 @@ def test_managed_process_stop_kills_the_whole_group(tmp_path):
     proc = stack.ManagedProcess("stubborn", ["bash", "-c", script], tmp_path / "log",
                                 cwd=tmp_path)
     proc.start()
-    deadline = time.monotonic() + 10
-    while not (tmp_path / "grandchild").exists() and time.monotonic() < deadline:
+    # The whole line: the shell creates the file before it writes the pid into it.
+    noted = tmp_path / "grandchild"
+    deadline = time.monotonic() + 30
+    while not (noted.exists() and noted.read_text().endswith("\n")):
+        assert time.monotonic() < deadline, "the shell did not start its grandchild"
         time.sleep(0.05)
-    grandchild = int((tmp_path / "grandchild").read_text())
+    grandchild = int(noted.read_text())
     assert proc.healthy() and _alive(grandchild)
     started = time.monotonic()
     proc.stop(grace_s=1.0)
@@ -584,20 +587,28 @@ def test_process_set_stops_a_level_in_parallel_and_levels_in_order(tmp_path):
     processes = stack.ProcessSet()
     for name, level in (("redis", 2), ("engine-0", 1), ("engine-1", 1), ("gateway", 0)):
         script = (f"trap 'date +%s.%N > {tmp_path / name}; sleep 1; exit 0' TERM; "
-                  "while true; do sleep 0.05; done")
+                  f"touch {tmp_path / name}.ready; while true; do sleep 0.05; done")
         processes.add(stack.ManagedProcess(name, ["bash", "-c", script],
                                            tmp_path / f"{name}.log", stop_level=level))
     processes.start()
-    time.sleep(0.5)
+    # Each shell has set its trap (a fixed sleep was not always enough on a busy host:
+    # a SIGTERM before the trap kills the shell at once).
+    deadline = time.monotonic() + 30
+    while not all((tmp_path / f"{p.name}.ready").exists() for p in processes.processes):
+        assert time.monotonic() < deadline, "the shells did not start"
+        time.sleep(0.05)
     started = time.monotonic()
     processes.stop(grace_s=10)
     elapsed = time.monotonic() - started
     got = {name: float((tmp_path / name).read_text()) for name in
            ("gateway", "engine-0", "engine-1", "redis")}
-    # Three levels of ~1 s each; the two engines overlapped instead of adding up.
-    assert 2.5 < elapsed < 4.5, elapsed
+    # Three levels of ~1 s each, each awaited (not the 10 s grace): room for a busy
+    # host's slow forks above 3 s.
+    assert 2.5 < elapsed < 8.0, elapsed
     assert got["gateway"] < got["engine-0"] < got["redis"]
-    assert abs(got["engine-0"] - got["engine-1"]) < 0.5
+    # The two engines overlapped instead of adding up: one after the other, the second
+    # would get its signal >= 1 s after the first.
+    assert abs(got["engine-0"] - got["engine-1"]) < 0.8
     assert got["redis"] - got["engine-0"] >= 0.9
     assert all(p.returncode() == 0 for p in processes.processes)
 

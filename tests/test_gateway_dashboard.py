@@ -52,8 +52,15 @@ def test_dashboard_serves_live_data(tmp_path):
         keys = a.store_prompt(tokenize("x" * 40), None)  # 10 pages into a 4-page DRAM
         a.stack.get(BlockKey(keys[-1], 0))  # a hit
         a.stack.get(BlockKey(b"\x01" * 32, 0))  # a miss
-        assert wait_for(lambda: any(p["instance"] == "a" and p["ingest"] == 10
-                                    for p in gw.timeline.points))
+
+        def seen(event: str) -> float:  # a's events over all polls so far
+            points = list(gw.timeline.points)  # a copy: the gateway's thread appends
+            return sum(p[event] for p in points if p["instance"] == "a")
+
+        # The 10 puts and the two reads may span stats polls (0.2 s apart, a busy host):
+        # count them over all points, and wait until a poll has seen the reads too.
+        assert wait_for(lambda: seen("ingest") == 10 and seen("hit") >= 1
+                        and seen("miss") >= 1)
         data = httpx.get(f"{url}/dashboard/data").json()
     assert page.status_code == 200 and "uPlot" in page.text and "/dashboard/data" in page.text
     assert script.status_code == 200 and script.text.startswith("/*! https://github.com/leeoniya")

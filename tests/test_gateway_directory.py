@@ -96,7 +96,8 @@ def test_engines_of_two_models_share_the_round_trip(redis_server):
     e1.add(doc, "dram")
 
     async def scenario():
-        locator = DirectoryLocator(redis_server.url)
+        # The second locate is warm: 2 s, not the 0.25 s default, for a busy host.
+        locator = DirectoryLocator(redis_server.url, timeout_s=2.0)
         try:
             await locator.locate([LocateQuery(backend("a", "e0"), doc)])  # loads the script
             trips = locator.counters["round_trips"]
@@ -195,7 +196,9 @@ def test_gateway_routes_by_directory_when_control_endpoints_are_slow(redis_serve
     with engines("e0", "e1") as (a, b):
         config = gateway_config([a, b], routing={
             "directory_url": redis_server.url, "lookup_timeout_s": 0.05,
-            "load_penalty_tokens": 0, "prefetch": False})
+            # 2 s, not 0.25 s: one slow Redis answer on a busy host would send that
+            # request to the (gone) control endpoints and route it by load.
+            "directory_timeout_s": 2.0, "load_penalty_tokens": 0, "prefetch": False})
         holder = engine_dir(redis_server.url, "e1", a.signature)
         keys = b.keys(tokenize(text), None)
         assert keys

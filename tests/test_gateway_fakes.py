@@ -298,11 +298,19 @@ class FakeEngine:
 
 
 def gateway_config(engines: list[FakeEngine], **overrides: Any) -> GatewayConfig:
-    timeouts = {"health_interval_s": 0.2, "stats_interval_s": 0.2, "health_timeout_s": 1.0,
+    # Health checks poll often and eject on one failure (fast tests); their timeout is
+    # long: fake engines answer from this busy process, and one check slower than 1 s
+    # on a loaded host ejected a healthy engine (or turned its control endpoint off).
+    # An unhealthy fake answers 503 and a stopped one refuses, both at once.
+    timeouts = {"health_interval_s": 0.2, "stats_interval_s": 0.2, "health_timeout_s": 5.0,
                 "eject_after_failures": 1, **overrides.pop("timeouts", {})}
+    # A 2 s lookup budget (default 0.15 s): the fake engines' control servers share this
+    # process, so on a busy CI host a lookup can miss 0.15 s, and an engine that does
+    # not answer in time counts as holding nothing (a prefix route turns least-loaded).
+    routing = {"lookup_timeout_s": 2.0, **overrides.pop("routing", {})}
     overrides.setdefault("control_token", CONTROL_TOKEN)
     return GatewayConfig(backends=[e.backend_spec() for e in engines], timeouts=timeouts,
-                         **overrides)
+                         routing=routing, **overrides)
 
 
 @contextmanager

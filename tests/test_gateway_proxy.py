@@ -5,6 +5,7 @@ disconnects reaching the engine."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -129,8 +130,10 @@ def test_inflight_limit_gives_429_with_retry_after():
         config = gateway_config([a], limits={"max_inflight_per_instance": 1,
                                              "retry_after_s": 3})
         with running_gateway(config) as (url, gw):
+            # Held 3 s (10 chunks, 0.3 s apart): the refused request has that long to
+            # arrive, on a busy host too.
             holder = threading.Thread(target=raw_stream, args=(
-                url, "/v1/completions", {**COMPLETION, "stream": True, "max_tokens": 5}))
+                url, "/v1/completions", {**COMPLETION, "stream": True, "max_tokens": 10}))
             holder.start()
             assert wait_for(lambda: gw.pool.backends[0].inflight == 1)
             refused = httpx.post(f"{url}/v1/completions", json=COMPLETION)
@@ -190,8 +193,16 @@ def test_client_disconnect_while_waiting_for_a_non_streamed_reply():
     with engines("a") as (a,):
         a.prefill_delay = 30
         with running_gateway(gateway_config([a])) as (url, gw):
-            with pytest.raises(httpx.ReadTimeout):
-                httpx.post(f"{url}/v1/completions", json=COMPLETION, timeout=1.0)
+            # The client hangs up once the engine has the request (a fixed 1 s client
+            # timeout could expire first on a busy host: nothing for the engine to abort).
+            body = json.dumps(COMPLETION).encode()
+            port = int(url.rsplit(":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: gateway\r\n"
+                             b"content-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
+                assert wait_for(lambda: len(a.received) == 1, timeout=30)
+                assert a.aborted == 0
             assert wait_for(lambda: a.aborted == 1, timeout=10)
             assert a.completed == 0
             assert wait_for(lambda: gw.pool.backends[0].inflight == 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import httpx
 import pytest
@@ -126,6 +127,10 @@ def test_token_rate_limit_counts_prompt_and_completion_and_settles_on_usage():
         limited = call(url, KEY_A, body)
         small = call(url, KEY_A, {"model": "demo", "prompt": "x" * 10, "max_tokens": 5})
         # Another tenant's bucket; its reply stops after 5 of 40 tokens: 35 are refunded.
+        # The bucket is made on a stopped clock, so it holds the charge and the refund
+        # alone (at 100/min, a request slower than 0.6 s on a busy host refilled > 1).
+        frozen = time.monotonic()
+        gw.limiter.clock = lambda: frozen
         a.max_reply_tokens = 5
         assert call(url, KEY_B, body).status_code == 200
         bucket = gw.limiter._buckets[(gw.auth._by_digest[_digest(KEY_B)].key_id, "tokens")]

@@ -36,8 +36,10 @@ SIG = hashlib.blake2b(b"model-signature", digest_size=32).digest()
 PAGE = 4096
 VALUE = HEADER_BYTES + PAGE  # bytes one page takes from the budget (per mode: at_rest)
 CIPHER: PageCipher | None = None
+# Outages here are a killed redis-server (refused at once): a 2 s socket timeout only
+# keeps a busy host's slow answer from reading as an outage (a miss, a refused put).
 FAST = LinkOptions(
-    socket_timeout_s=0.5, connect_timeout_s=0.25, backoff_initial_s=0.02, backoff_max_s=0.2
+    socket_timeout_s=2.0, connect_timeout_s=2.0, backoff_initial_s=0.02, backoff_max_s=0.2
 )
 
 

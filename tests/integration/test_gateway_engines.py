@@ -196,14 +196,19 @@ def test_shared_prefix_goes_to_the_engine_that_holds_it(stack):
 def test_prefix_on_disk_is_prefetched_on_arrival(stack):
     gateway, engines = stack
     prefix = code("prefetched", 70)
+    before = {n: saved_blocks(e) for n, e in engines.items()}
     first = httpx.post(f"{gateway.url}/v1/completions", timeout=120, json={
         "model": "demo", "prompt": prefix, "max_tokens": 2, "temperature": 0})
     holder = route(first)["instance"]
     engine = engines[holder]
-    # Push the prefix out of the holder's 10-page DRAM tier onto its disk tier.
+    wait_saved(engine, before[holder], first.json()["usage"]["prompt_tokens"] // BLOCK)
+    # Push the prefix out of the holder's 10-page DRAM tier onto its disk tier: once the
+    # fillers' blocks are saved (a fixed 1 s was not always enough on a busy host).
+    before_fillers, filler_blocks = saved_blocks(engine), 0
     for i in range(3):
-        engine.complete(code(f"filler{i}", 70), max_tokens=2)
-    time.sleep(1.0)
+        reply = engine.complete(code(f"filler{i}", 70), max_tokens=2)
+        filler_blocks += reply["usage"]["prompt_tokens"] // BLOCK
+    wait_saved(engine, before_fillers, filler_blocks)
     prefetched_before = gateway.metric("symram_gateway_prefetched_blocks_total", backend=holder)
     again = httpx.post(f"{gateway.url}/v1/completions", timeout=120, json={
         "model": "demo", "prompt": prefix + " # again", "max_tokens": 2, "temperature": 0})

@@ -232,9 +232,16 @@ def test_sixteen_sessions_store_one_system_prompt_once(fleet):
     assert metric(e2, "loaded_blocks_total") - loaded_before >= SYSTEM_BLOCKS
     assert all(cached(r) >= SYSTEM_BLOCKS * BLOCK for r in rest)
     assert first["choices"][0]["text"]
-    # The same figures in vLLM's /metrics (gauges refresh once a second, on a step).
-    time.sleep(1.2)
-    nudge(e1)
+    # The same figures in vLLM's /metrics. Gauges refresh at most once a second, on a
+    # step, from counters a background thread reads once a second: a step 1.2 s on
+    # was not always enough on a busy host, so step until they agree (60 s).
+    fleet_physical_bytes = dedupe_counters(fleet)["physical_bytes"]
+
+    def gauges_agree() -> bool:
+        nudge(e1)
+        return e1.metrics().get("symram:dedupe_physical_bytes") == fleet_physical_bytes
+
+    wait_for(gauges_agree, "symram:dedupe_physical_bytes to match the fleet's counter")
     gauges = e1.metrics()
     assert gauges["symram:dedupe_physical_bytes"] == dedupe_counters(fleet)["physical_bytes"]
     assert gauges["symram:dedupe_logical_bytes"] >= gauges["symram:dedupe_physical_bytes"]
