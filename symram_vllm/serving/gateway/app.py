@@ -327,8 +327,9 @@ class Gateway:
             self._record_route(first)
             # Why this engine: what each engine was found to hold (an engine missing
             # from `hits` could not be asked in time and counted as holding nothing).
-            logger.debug("request %s: %s; hits %s", prep.request_id, first.header(),
-                         {name: (hit.dram, hit.any) for name, hit in prep.hits.items()})
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("request %s: %s; hits %s", prep.request_id, first.header(),
+                             {name: (hit.dram, hit.any) for name, hit in prep.hits.items()})
             upstream, decision, attempt, prefetch = await self.forwarder.forward(
                 prep, first, request)
             if prep.stream and upstream.status_code == 200:
