@@ -112,6 +112,7 @@ class FakeEngine:
         self.after_done_delay = 0.0  # keep the body open after `[DONE]`
         self.max_reply_tokens: int | None = None  # stop early, as on an EOS token
         self.prefill_delay = 0.0
+        self.tokenize_delay = 0.0
         self.received: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.active = 0
@@ -173,6 +174,7 @@ class FakeEngine:
         @app.post("/tokenize")
         async def tokenize_endpoint(request: Request) -> Any:
             self.tokenize_calls += 1
+            await asyncio.sleep(self.tokenize_delay)
             body = await request.json()
             try:
                 if "messages" in body:

@@ -135,6 +135,25 @@ def test_chat_requests_are_keyed_through_the_engine_tokenizer():
     assert tokenize_calls == 1
 
 
+def test_a_slow_tokenizer_costs_the_prefix_route_and_is_counted():
+    """/tokenize past its budget: the request is still served, routed without its
+    prefix, and the failure is counted where an operator looks."""
+    with engines("a", "b") as fakes, running_gateway(gateway_config(
+            fakes, routing={"tokenize_timeout_s": 0.2})) as (url, _):
+        fakes[0].store_prompt(tokenize(LONG), None)
+        for fake in fakes:
+            fake.tokenize_delay = 2.0
+        slow = route_of(post(url, LONG))
+        for fake in fakes:
+            fake.tokenize_delay = 0.0
+        fast = route_of(post(url, LONG))
+        metrics = httpx.get(f"{url}/metrics").text
+    assert slow["reason"] == "least_loaded" and slow["matched_blocks"] == "0"
+    assert fast == {"instance": "a", "reason": "prefix", "matched_blocks": "45",
+                    "dram_blocks": "45"}
+    assert 'kind="tokenize_timeout"} 1.0' in metrics
+
+
 def test_token_id_prompts_need_no_tokenize_call():
     ids = tokenize(LONG)
     with engines("a", "b") as fakes, running_gateway(gateway_config(fakes)) as (url, _):

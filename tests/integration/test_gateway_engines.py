@@ -110,7 +110,8 @@ def assert_prefix_route(gateway: Gateway, response: httpx.Response, holder: str)
                 for i in httpx.get(f"{gateway.url}/dashboard/data").json()["instances"]]
         # The gateway logs (debug) what each engine was found to hold, and why not.
         log = Path(gateway.log.name).read_text(errors="replace").splitlines()
-        said = [line for line in log if "symram.gateway: request " in line][-2:]
+        said = [line for line in log if "symram.gateway: request " in line
+                or ("symram.gateway" in line and " failed" in line)][-6:]
         said += [line for line in log if " WARNING " in line][-5:]
         raise AssertionError(f"routed {decision}, not to {holder} for its prefix; "
                              f"upstream errors: {failures}; engines: {seen}; "

@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from symram_vllm.serving.gateway import api_routes
 from symram_vllm.serving.gateway.auth import Authenticator
-from symram_vllm.serving.gateway.backends import BackendPool
+from symram_vllm.serving.gateway.backends import Backend, BackendPool
 from symram_vllm.serving.gateway.config import GatewayConfig
 from symram_vllm.serving.gateway.dashboard import STATIC_DIR, Timeline, dashboard_html, occupancy
 from symram_vllm.serving.gateway.directory_locator import make_locator
@@ -150,8 +150,7 @@ class Gateway:
         self.pool = BackendPool(config, self.control, self.control_headers)
         self.locator = locator or make_locator(config.routing, ControlLocator(
             self.upstream, config.routing.lookup_timeout_s,
-            on_failure=lambda b, kind: self.metrics.upstream_errors.labels(b.name, kind).inc(),
-            headers=self.control_headers))
+            on_failure=self._upstream_failed, headers=self.control_headers))
         self.router = Router(config.routing)
         self.auth = Authenticator(config)
         self.limiter = RateLimiter(clock)
@@ -252,7 +251,8 @@ class Gateway:
             tokenizer = min(prep.candidates, key=lambda b: b.inflight)
             prep.tokens = await prompt_tokens(
                 self.upstream, tokenizer, prep.endpoint, prep.body,
-                self.config.routing.tokenize_timeout_s, {REQUEST_ID_HEADER: prep.request_id})
+                self.config.routing.tokenize_timeout_s, {REQUEST_ID_HEADER: prep.request_id},
+                on_failure=self._upstream_failed)
         if limited:
             self._charge_tokens(prep, len(json.dumps(prep.body)))
         if prep.tokens and keyed:
@@ -273,6 +273,10 @@ class Gateway:
             if any(q.keys for q in queries):
                 prep.hits = await self.locator.locate(queries)
         self.metrics.lookup_seconds.observe(time.monotonic() - t0)
+
+    def _upstream_failed(self, backend: Backend, kind: str) -> None:
+        """A lookup or tokenize call failed: the request is routed without its prefix."""
+        self.metrics.upstream_errors.labels(backend.name, kind).inc()
 
     def route(self, prep: Prepared, exclude: tuple[str, ...] = ()) -> RouteDecision:
         candidates = [b for b in prep.candidates if b.healthy]

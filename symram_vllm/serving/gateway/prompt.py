@@ -20,6 +20,7 @@ load, never refused, and never served a wrong prefix (the engine checks its own 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -195,7 +196,11 @@ async def prompt_tokens(
     body: dict[str, Any],
     timeout_s: float,
     headers: dict[str, str] | None = None,
+    on_failure: Callable[[Backend, str], None] | None = None,
 ) -> list[int] | None:
+    """The prompt's token ids, or None when it has none the gateway can key or the
+    engine's /tokenize failed (`on_failure(backend, kind)` is told: the request is
+    then routed without its prefix)."""
     request = tokenize_request(endpoint, body)
     if request is None or isinstance(request, list):
         return request
@@ -206,5 +211,8 @@ async def prompt_tokens(
         tokens = response.json()["tokens"]
     except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
         logger.debug("tokenize on %s failed: %r", backend.name, exc)
+        if on_failure is not None:
+            timed_out = isinstance(exc, httpx.TimeoutException)
+            on_failure(backend, "tokenize_timeout" if timed_out else "tokenize")
         return None
     return _token_ids(tokens) or []
