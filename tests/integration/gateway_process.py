@@ -14,9 +14,11 @@ import httpx
 from symram_vllm.serving.engine_process import EngineServer, free_port
 
 # The control endpoint shares 2 busy cores with the engine here; the 150 ms production
-# lookup budget would turn slow lookups into misroutes.
+# lookup budget would turn slow lookups into misroutes. So would a slow /tokenize (an
+# engine's first chat template render), past its 2 s budget.
 TEST_GATEWAY_ENV = {"SYMRAM_GATEWAY_TIMEOUTS__HEALTH_INTERVAL_S": "0.5",
-                    "SYMRAM_GATEWAY_ROUTING__LOOKUP_TIMEOUT_S": "3"}
+                    "SYMRAM_GATEWAY_ROUTING__LOOKUP_TIMEOUT_S": "3",
+                    "SYMRAM_GATEWAY_ROUTING__TOKENIZE_TIMEOUT_S": "10"}
 
 
 def code(tag: str, lines: int) -> str:
