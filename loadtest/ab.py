@@ -455,11 +455,17 @@ def main(argv: list[str] | None = None) -> int:
     def terminate(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    # SIGINT too: a shell without job control starts background commands with SIGINT
+    # ignored, and Python then installs no Ctrl-C handler of its own (the A/B run
+    # would ignore the SIGINT its test sends, as `symram up` does not).
+    previous = {signum: signal.signal(signum, terminate)
+                for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         return Runner(args, argv).run()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            if handler is not None:  # None: not set from Python, nothing to restore
+                signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,19 @@ REPO = Path(__file__).resolve().parents[2]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def run_ab(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+def run_ab(args: list[str], log: Path, sigint_ignored: bool = False
+           ) -> subprocess.Popen[bytes]:
+    """`sigint_ignored`: started as a shell without job control starts a background
+    command (CI runners do), with SIGINT ignored; Ctrl-C must still stop the run."""
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
             [sys.executable, "-m", "loadtest.ab", *args], cwd=REPO, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "COLUMNS": "200"},
+            preexec_fn=ignore_sigint if sigint_ignored else None,
         )
 
 
@@ -109,7 +116,8 @@ def _group_alive(pgid: int) -> bool:
 
 def test_ab_ctrl_c_kills_engines_and_keeps_partial_results(tmp_path):
     proc = run_ab(["--smoke", "--scenarios", "chat", "--users", "1,2,3,4,5,6", "--full-sweep",
-                   "--out-dir", str(tmp_path), "--name", "partial"], tmp_path / "ab.log")
+                   "--out-dir", str(tmp_path), "--name", "partial"], tmp_path / "ab.log",
+                  sigint_ignored=True)
     result_path = tmp_path / "partial.json"
     try:
         deadline = time.monotonic() + 900
